@@ -1,0 +1,1 @@
+"""navtwist: a streaming egress proxy for AI-agent sandboxes."""

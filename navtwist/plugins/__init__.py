@@ -1,0 +1,1 @@
+"""Built-in navtwist plugins, discovered with twisted.plugin.getPlugins."""
