@@ -1,0 +1,394 @@
+"""navtwist's YAML configuration, validated completely at start-up.
+
+A proxy that holds API keys should refuse to start on a doubtful config rather
+than fail on the first request, so every key is checked here and every error
+names the key path it is about.  Error messages never carry a secret.
+
+The format is a superset of NVIDIA OpenShell's standalone C{routes.yaml}: a
+file holding only C{routes:} is a complete config.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from navtwist.protocols import (
+    MODEL_DISCOVERY,
+    OPENAI_CHAT_COMPLETIONS,
+    OPENAI_COMPLETIONS,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSES,
+    PROTOCOLS,
+)
+from navtwist.providers import BUILTIN_PROVIDERS, get_provider
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """One line, naming the offending key path, e.g.
+    C{"routes[0].protocols[1]: unknown protocol 'foo' (known: ...)"}.
+
+    Never contains a secret value.
+    """
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where requests for some protocols are sent, and with which key."""
+
+    name: str
+    endpoint: str
+    model: str
+    protocols: tuple[str, ...]
+    api_key: str = field(repr=False)  # resolved; "" only for mock:// routes
+    provider_type: str | None
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 300.0
+
+    @property
+    def is_mock(self) -> bool:
+        """mock:// routes are answered by navtwist itself, without an upstream."""
+        return _scheme(self.endpoint) == "mock"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size and count caps, so one client cannot exhaust the proxy's memory."""
+
+    max_head_bytes: int = 16384
+    max_headers: int = 100
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Proxy-wide timeouts in seconds, so stalled clients do not hold connections."""
+
+    head_read: float = 30.0
+    tls_handshake: float = 10.0
+    keepalive_idle: float = 60.0
+    write_stall: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration; C{ca_dir} is always stored with C{~} expanded."""
+
+    listen: str = "tcp:3128:interface=127.0.0.1"
+    ca_dir: str = "~/.navtwist/ca"
+    routes: tuple[Route, ...]
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        # Expanding here, the one place every Config passes through, keeps
+        # the default, parsed and overridden values alike.
+        object.__setattr__(self, "ca_dir", os.path.expanduser(self.ca_dir))
+
+
+_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout")
+_ROUTE_KEYS = ("name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type") + _ROUTE_TIMEOUTS
+_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts")
+
+
+def parse_config(data: object, environ: Mapping[str, str]) -> Config:
+    """Validate already-loaded YAML C{data}; C{environ} resolves C{api_key_env}.
+
+    @raise ConfigError: for the first problem found.
+    """
+    top = _mapping(data, "", _TOP_KEYS)
+    defaults = _defaults(Config)
+    routes = _list(top, "routes", "")
+    return Config(
+        listen=_string(top, "listen", "", defaults["listen"]),
+        ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
+        routes=tuple(_route(entry, f"routes[{i}]", environ) for i, entry in enumerate(routes)),
+        limits=_section(top, "limits", Limits, _integer),
+        timeouts=_section(top, "timeouts", Timeouts, _number),
+    )
+
+
+def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
+    """Read and validate the YAML file at C{path}; no path means L{default_config}.
+
+    @raise ConfigError: naming C{path}, for unreadable, malformed or invalid files.
+    """
+    if path is None:
+        return default_config(environ)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: cannot read: not valid UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: {_describe_yaml_error(exc, text)}") from None
+    if data is None:
+        raise ConfigError(f"config {path}: file is empty")
+    try:
+        return parse_config(data, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+
+
+def default_config(environ: Mapping[str, str]) -> Config:
+    """The config used without a file, so C{twistd -n navtwist} works out of the box.
+
+    Routes to NVIDIA NIM if C{NVIDIA_API_KEY} is set, else to OpenAI if
+    C{OPENAI_API_KEY} is set, else to the built-in mock.  It is written as a
+    user would write it, so it goes through the same validation.
+    """
+    if environ.get("NVIDIA_API_KEY"):
+        route: dict[str, object] = {
+            "endpoint": "https://integrate.api.nvidia.com/v1",
+            "model": "meta/llama-3.1-8b-instruct",
+            "protocols": [OPENAI_CHAT_COMPLETIONS, OPENAI_COMPLETIONS, MODEL_DISCOVERY],
+            "api_key_env": "NVIDIA_API_KEY",
+            "provider_type": "nvidia",
+        }
+    elif environ.get("OPENAI_API_KEY"):
+        route = {
+            "endpoint": "https://api.openai.com/v1",
+            "model": "gpt-4o-mini",
+            "protocols": [
+                OPENAI_CHAT_COMPLETIONS,
+                OPENAI_COMPLETIONS,
+                OPENAI_RESPONSES,
+                OPENAI_EMBEDDINGS,
+                MODEL_DISCOVERY,
+            ],
+            "api_key_env": "OPENAI_API_KEY",
+            "provider_type": "openai",
+        }
+    else:
+        route = {"endpoint": "mock://", "model": "navtwist-mock", "protocols": list(PROTOCOLS)}
+    return parse_config({"routes": [{"name": "inference.local", **route}]}, environ)
+
+
+def with_overrides(config: Config, listen: str | None, ca_dir: str | None) -> Config:
+    """C{config} with command-line values (None: keep) for C{listen} and C{ca_dir}."""
+    given = {"listen": listen, "ca_dir": ca_dir}
+    return replace(
+        config,
+        listen=_string(given, "listen", "", config.listen),
+        ca_dir=_string(given, "ca_dir", "", config.ca_dir),
+    )
+
+
+def _route(data: object, path: str, environ: Mapping[str, str]) -> Route:
+    route = _mapping(data, path, _ROUTE_KEYS)
+    name = _required_string(route, "name", path)
+    endpoint = _required_string(route, "endpoint", path)
+    if not _is_usable_url(endpoint):
+        # The value is not echoed: a URL can carry credentials.
+        raise ConfigError(f"{_join(path, 'endpoint')}: must be http://host[:port][/path], https://host[:port][/path] or mock://")
+    defaults = _defaults(Route)
+    return Route(
+        name=name,
+        endpoint=endpoint,
+        model=_required_string(route, "model", path),
+        protocols=_protocols(route, path),
+        api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock"),
+        provider_type=_provider_type(route, path),
+        **{key: _number(route, key, path, defaults[key]) for key in _ROUTE_TIMEOUTS},
+    )
+
+
+def _is_usable_url(endpoint: str) -> bool:
+    """Only URLs the upstream client can use unchanged: no credentials, query or fragment."""
+    if _has_space_or_control(endpoint) or not endpoint.lower().startswith(("http://", "https://", "mock://")):
+        return False
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:  # a bad port or IPv6 literal
+        return False
+    if parts.scheme == "mock":
+        return True
+    return bool(parts.hostname) and port != 0 and parts.username is None and not parts.query and not parts.fragment
+
+
+def _protocols(route: Mapping[Any, object], path: str) -> tuple[str, ...]:
+    where = _join(path, "protocols")
+    protocols: list[str] = []
+    for i, value in enumerate(_list(route, "protocols", path)):
+        item = f"{where}[{i}]"
+        if not isinstance(value, str):
+            raise _type_error(item, "a string", value)
+        if value not in PROTOCOLS:
+            raise ConfigError(f"{item}: unknown protocol {value!r} (known: {', '.join(PROTOCOLS)})")
+        if value in protocols:
+            raise ConfigError(f"{item}: duplicate protocol {value!r}")
+        protocols.append(value)
+    return tuple(protocols)
+
+
+def _api_key(route: Mapping[Any, object], path: str, environ: Mapping[str, str], mock: bool) -> str:
+    """Resolve the route's key now, so a missing variable stops start-up."""
+    key = _string(route, "api_key", path, None)
+    env = _string(route, "api_key_env", path, None)
+    if key is not None and env is not None:
+        raise ConfigError(f"{path}: both api_key and api_key_env are set; use one")
+    if env is not None:
+        where = _join(path, "api_key_env")
+        key = environ.get(env, "")
+        if not key:
+            raise ConfigError(f"{where}: environment variable {env!r} is not set or is empty")
+    elif key is not None:
+        where = _join(path, "api_key")
+    elif mock:
+        return ""
+    else:
+        raise ConfigError(f"{path}: neither api_key nor api_key_env is set")
+    if _has_space_or_control(key):
+        # The key goes into a header line; CR/LF would let it forge headers.
+        raise ConfigError(f"{where}: the key contains whitespace or control characters")
+    return key
+
+
+def _provider_type(route: Mapping[Any, object], path: str) -> str | None:
+    name = _string(route, "provider_type", path, None)
+    if name is not None:
+        try:
+            get_provider(name)
+        except KeyError:
+            known = ", ".join(sorted(BUILTIN_PROVIDERS))
+            raise ConfigError(f"{_join(path, 'provider_type')}: unknown provider type {name!r} (known: {known})") from None
+    return name
+
+
+def _section(top: Mapping[Any, object], key: str, cls: type[_T], read: Callable[..., Any]) -> _T:
+    """A mapping of optional values whose keys and defaults are the fields of C{cls}."""
+    value = top.get(key)
+    defaults = _defaults(cls)
+    section = _mapping({} if value is None else value, key, defaults)
+    return cls(**{name: read(section, name, key, default) for name, default in defaults.items()})
+
+
+# Typed accessors.  A key that is present but null counts as absent, so
+# "limits:" with nothing under it means "all defaults".
+
+
+def _mapping(value: object, where: str, allowed: Iterable[str]) -> Mapping[Any, object]:
+    allowed = tuple(allowed)
+    if not isinstance(value, dict):
+        raise _type_error(where or "top level", "a mapping", value)
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"{_join(where, str(key))}: unknown key (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _list(mapping: Mapping[Any, object], key: str, path: str) -> list[object]:
+    """A required, non-empty list."""
+    where = _join(path, key)
+    value = mapping.get(key)
+    if value is None:
+        raise ConfigError(f"{where}: required key is missing")
+    if not isinstance(value, list):
+        raise _type_error(where, "a list", value)
+    if not value:
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _string(mapping: Mapping[Any, object], key: str, path: str, default: _T) -> str | _T:
+    """A non-blank string, or C{default} when absent."""
+    where = _join(path, key)
+    value = mapping.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _type_error(where, "a string", value)
+    if not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _required_string(mapping: Mapping[Any, object], key: str, path: str) -> str:
+    value = _string(mapping, key, path, None)
+    if value is None:
+        raise ConfigError(f"{_join(path, key)}: required key is missing")
+    return value
+
+
+def _number(mapping: Mapping[Any, object], key: str, path: str, default: float) -> float:
+    """A positive, finite number of seconds; ints are accepted, bools are not."""
+    where = _join(path, key)
+    value = mapping.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(where, "a number", value)
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{where}: must be a positive number")
+    return float(value)
+
+
+def _integer(mapping: Mapping[Any, object], key: str, path: str, default: int) -> int:
+    where = _join(path, key)
+    value = mapping.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(where, "an integer", value)
+    if value < 1:
+        raise ConfigError(f"{where}: must be an integer >= 1")
+    return value
+
+
+_KINDS = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _type_error(where: str, expected: str, value: object) -> ConfigError:
+    """Names only the type of C{value}: the value itself may be a secret."""
+    got = _KINDS.get(type(value), type(value).__name__)
+    return ConfigError(f"{where}: expected {expected}, got {got}")
+
+
+def _describe_yaml_error(exc: yaml.YAMLError, text: str) -> str:
+    """One line with the line number; PyYAML's own message spans several lines."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+        problem = getattr(exc, "problem", None) or "syntax error"
+    else:  # a ReaderError (bad character) has only a position
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        problem = getattr(exc, "reason", None) or "syntax error"
+    return f"line {line}: invalid YAML: {' '.join(str(problem).split())}"
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The dataclass's own plain defaults, so each default is written only once."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme
+
+
+def _has_space_or_control(text: str) -> bool:
+    return any(c.isspace() or not c.isprintable() for c in text)

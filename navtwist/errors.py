@@ -1,0 +1,90 @@
+"""JSON error responses in the shape each client SDK parses.
+
+OpenAI SDKs read C{{"error": {"message", "type", "code"}}}; Anthropic SDKs read
+C{{"type": "error", "error": {"type", "message"}}}.  Messages are fixed texts:
+they never carry an upstream endpoint, key or internal address.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from twisted.web.server import Request
+
+from navtwist.protocols import is_anthropic
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One kind of refusal or failure and how each SDK family names it."""
+
+    status: int
+    code: str
+    openai_type: str
+    anthropic_type: str
+    message: str
+
+
+NOT_INFERENCE = ErrorKind(
+    403, "policy_denied", "permission_error", "permission_error",
+    "inference.local serves only inference API paths",
+)
+NO_ROUTE = ErrorKind(
+    400, "no_compatible_route", "invalid_request_error", "invalid_request_error",
+    "no compatible inference route available",
+)
+INVALID_JSON = ErrorKind(
+    400, "invalid_json", "invalid_request_error", "invalid_request_error",
+    "request body is not valid JSON",
+)
+BODY_TOO_LARGE = ErrorKind(
+    413, "request_too_large", "invalid_request_error", "request_too_large",
+    "request body exceeds the proxy's limit",
+)
+UPSTREAM_UNAVAILABLE = ErrorKind(
+    503, "upstream_unavailable", "api_error", "overloaded_error",
+    "inference service unavailable",
+)
+UPSTREAM_TIMEOUT = ErrorKind(
+    504, "upstream_timeout", "api_error", "api_error",
+    "inference service did not answer in time",
+)
+UPSTREAM_PROTOCOL = ErrorKind(
+    502, "upstream_error", "api_error", "api_error",
+    "inference service sent an invalid response",
+)
+RESPONSE_TOO_LARGE = ErrorKind(
+    502, "response_too_large", "api_error", "api_error",
+    "inference service response exceeds the proxy's limit",
+)
+
+
+def error_document(protocol: str | None, kind: ErrorKind, message: str | None = None) -> dict:
+    """The error object for C{protocol}'s SDK family (OpenAI's when unknown)."""
+    text = message or kind.message
+    if protocol is not None and is_anthropic(protocol):
+        return {"type": "error", "error": {"type": kind.anthropic_type, "message": text}}
+    return {"error": {"message": text, "type": kind.openai_type, "code": kind.code}}
+
+
+def write_error(request: Request, protocol: str | None, kind: ErrorKind, message: str | None = None) -> None:
+    """Answer C{request} with a complete JSON error response."""
+    body = json.dumps(error_document(protocol, kind, message)).encode("utf-8")
+    request.setResponseCode(kind.status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+def stream_error_event(protocol: str, message: str) -> bytes:
+    """One SSE event that tells a streaming client its response was cut short.
+
+    The message goes through json.dumps, so a hostile upstream's text cannot
+    inject extra events.
+    """
+    if is_anthropic(protocol):
+        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(doc).encode("utf-8") + b"\n\n"
+    doc = {"error": {"message": message, "type": "proxy_stream_error", "code": "stream_truncated"}}
+    return b"data: " + json.dumps(doc).encode("utf-8") + b"\n\n"

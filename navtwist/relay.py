@@ -1,0 +1,162 @@
+"""Relays one upstream response body into a client request, chunk by chunk.
+
+The relay is both the upstream body's protocol (it receives chunks) and the
+client request's streaming producer (the client's channel pauses and resumes
+it).  Pausing it pauses the upstream transport, so a slow reader slows the
+upstream instead of growing our memory; stopping it (the client left) stops
+the upstream at once.  Each chunk is written as soon as it arrives: nothing
+is coalesced or held back.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from navtwist.errors import stream_error_event
+
+# Outcomes reported to the caller when the relay ends.
+OK = "ok"
+CLIENT_GONE = "client_gone"
+CLIENT_STALLED = "client_stalled"
+UPSTREAM_ERROR = "upstream_error"
+UPSTREAM_IDLE = "upstream_idle_timeout"
+
+
+@implementer(IPushProducer)
+class ResponseRelay(Protocol):
+    """Copies an upstream body to C{request} as it arrives, with flow control both ways."""
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        protocol: str,
+        sse: bool,
+        idle_timeout: float,
+        write_stall_timeout: float,
+        done: Callable[[str], None],
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._protocol = protocol
+        self._sse = sse
+        self._idle_timeout = idle_timeout
+        self._write_stall_timeout = write_stall_timeout
+        self._done = done
+        self._idle_call: IDelayedCall | None = None
+        self._stall_call: IDelayedCall | None = None
+        self._paused = False
+        self._client_gone = False
+        self._ended = False
+        self._outcome: str | None = None
+        self._at_event_boundary = True
+        self.bytes_relayed = 0
+        self.first_chunk_at: float | None = None
+
+    # -- upstream side: the body as delivered by Response.deliverBody
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._client_gone:
+            return
+        if self.first_chunk_at is None:
+            self.first_chunk_at = self._clock.seconds()
+        self.bytes_relayed += len(data)
+        self._at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
+        self._request.write(data)
+        if not self._paused:
+            self._arm_idle()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_timers()
+        self._ended = True
+        if self._client_gone:
+            self._done(self._outcome or CLIENT_GONE)
+            return
+        self._request.unregisterProducer()
+        if self._outcome is None and reason.check(ResponseDone, PotentialDataLoss):
+            self._request.finish()
+            self._done(OK)
+            return
+        outcome = self._outcome or UPSTREAM_ERROR
+        if self._sse:
+            message = (
+                f"response truncated: upstream sent nothing for {self._idle_timeout:g} s"
+                if outcome == UPSTREAM_IDLE
+                else "response truncated: upstream connection lost"
+            )
+            separator = b"" if self._at_event_boundary else b"\n\n"
+            self._request.write(separator + stream_error_event(self._protocol, message))
+            self._request.finish()
+        else:
+            # A truncated JSON body must not look complete: end the chunked
+            # body without its terminator.
+            self._request.transport.abortConnection()
+        self._done(outcome)
+
+    # -- client side: driven by the client's HTTP channel
+
+    def pauseProducing(self) -> None:
+        if self._paused or self._client_gone or self._ended:
+            return
+        self._paused = True
+        self._cancel(self._idle_call)
+        self._idle_call = None
+        self._stall_call = self._clock.callLater(self._write_stall_timeout, self._client_stalled)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._paused or self._client_gone or self._ended:
+            return
+        self._paused = False
+        self._cancel(self._stall_call)
+        self._stall_call = None
+        self._arm_idle()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client is gone: stop reading from the upstream at once."""
+        if self._client_gone or self._ended:
+            return
+        self._client_gone = True
+        self._cancel_timers()
+        self.transport.stopProducing()
+
+    # -- timers
+
+    def _arm_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._upstream_idle)
+
+    def _upstream_idle(self) -> None:
+        self._idle_call = None
+        self._outcome = UPSTREAM_IDLE
+        self.transport.stopProducing()
+
+    def _client_stalled(self) -> None:
+        """The client read nothing for too long while we had data for it."""
+        self._stall_call = None
+        self._outcome = CLIENT_STALLED
+        self._request.transport.abortConnection()
+
+    def _cancel_timers(self) -> None:
+        self._cancel(self._idle_call)
+        self._cancel(self._stall_call)
+        self._idle_call = self._stall_call = None
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()

@@ -1,0 +1,79 @@
+"""The twistd plugin's options and service: C{twistd navtwist --config PATH}."""
+from __future__ import annotations
+
+import os
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+
+from navtwist.ca import CAError, CertificateAuthority
+from navtwist.config import Config, ConfigError, load_config, with_overrides
+from navtwist.dispatch import InferenceDispatcher
+from navtwist.intercept import InterceptSite
+from navtwist.proxy import ProxyFactory
+from navtwist.router import InferenceRouter, UpstreamClients
+
+log = Logger(namespace="navtwist")
+
+
+class Options(usage.Options):
+    """Command line of C{twistd navtwist}; the config file holds the rest."""
+
+    optParameters = [
+        ["config", "c", None, "YAML config file (default: the embedded default config)."],
+        ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
+        ["ca-dir", None, None, "Directory of ca.pem and ca.key, overriding the config."],
+    ]
+
+    def postOptions(self) -> None:
+        # Validation happens here so that a bad config is a one-line usage
+        # error and twistd exits non-zero before daemonizing.
+        try:
+            config = load_config(self["config"], os.environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["navtwist-config"] = with_overrides(config, self["listen"], self["ca-dir"])
+
+
+class _UpstreamPoolService(service.Service):
+    """Closes cached upstream connections when twistd stops."""
+
+    def __init__(self, clients: UpstreamClients) -> None:
+        self._clients = clients
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        return self._clients.close()
+
+
+def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
+    """The proxy as a MultiService listening on C{config.listen}."""
+    try:
+        ca = CertificateAuthority.load_or_create(config.ca_dir)
+    except CAError as e:
+        raise SystemExit(f"navtwist: {e}") from None
+    clients = UpstreamClients(reactor)
+    router = InferenceRouter(config.routes, reactor, clients.client_for, config.timeouts.write_stall)
+    site = InterceptSite(InferenceDispatcher(router), config.limits, config.timeouts.keepalive_idle, reactor)
+    factory = ProxyFactory(ca, site, config.limits, config.timeouts, reactor)
+
+    top = service.MultiService()
+    strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
+    _UpstreamPoolService(clients).setServiceParent(top)
+    log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
+    for route in config.routes:
+        log.info(
+            "route {name}: {protocols} via {provider}",
+            name=route.name,
+            protocols=",".join(route.protocols),
+            provider=route.provider_type or ("mock" if route.is_mock else "openai-compatible"),
+        )
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    return make_service(options["navtwist-config"], reactor)
