@@ -458,7 +458,7 @@ class MockAgent:
         path = urlsplit(uri).path or b"/"
         if bodyProducer is None:
             return succeed(self._respond(method, path, b""))
-        producer = bodyProducer
+        producer = bodyProducer  # keeps the not-None narrowing inside the closures
         collector = _BodyCollector()
         result: Deferred[IResponse] = Deferred(lambda _: producer.stopProducing())
 

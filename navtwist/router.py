@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from treq.client import HTTPClient
 from zope.interface import implementer
@@ -55,9 +55,10 @@ def upstream_url(endpoint: str, uri: bytes) -> bytes:
     the API version, so the request's leading C{/v1} is dropped (OpenShell's
     rule).  The query string is kept.
     """
-    base = endpoint.rstrip("/")
+    parts = urlsplit(endpoint)
+    endpoint_path = parts.path.rstrip("/")
+    base = f"{parts.scheme}://{parts.netloc}{endpoint_path}"
     path, sep, query = uri.partition(b"?")
-    endpoint_path = urlsplit(base).path
     if (endpoint_path.endswith("/v1") or endpoint_path.startswith("/v1/")) and path.startswith(b"/v1/"):
         path = path[len(b"/v1"):]
     return base.encode("ascii") + path + sep + query
@@ -133,12 +134,21 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-class UpstreamClients:
-    """One treq client per route; real routes share one connection pool.
+def make_client(agent: IAgent) -> HTTPClient:
+    """A treq client for the proxy's use of C{agent}.
 
-    treq's cookie jar is given a policy that stores nothing: cookies set by an
-    upstream must never leak from one sandbox request into the next.
+    Its cookie jar stores nothing (cookies set by an upstream must never leak
+    from one sandbox request into the next) and bodies are sent from memory.
     """
+    return HTTPClient(
+        agent,
+        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        data_to_body_producer=BytesProducer,
+    )
+
+
+class UpstreamClients:
+    """One treq client per route; real routes share one connection pool."""
 
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
@@ -154,12 +164,7 @@ class UpstreamClients:
                 agent = MockAgent(self._reactor)
             else:
                 agent = Agent(self._reactor, connectTimeout=route.connect_timeout, pool=self._pool)
-            client = HTTPClient(
-                agent,
-                cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-                data_to_body_producer=BytesProducer,
-            )
-            self._clients[route] = client
+            client = self._clients[route] = make_client(agent)
         return client
 
     def close(self) -> Deferred[None]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -286,10 +286,7 @@ def test_interval_is_configurable(clock: MemoryReactorClock) -> None:
     """Also the bodyProducer=None path: a GET through the stock treq client
     needs no cooperator and is answered at once."""
     d = HTTPClient(MockAgent(clock, interval=1.0)).get(BASE + "/models", unbuffered=True)
-    results: list[Any] = []
-    d.addBoth(results.append)
-    [response] = results
-    recorder = start(response)
+    recorder = start(self_result(d))
     clock.advance(0.5)
     assert recorder.chunks == []
     clock.advance(0.5)
@@ -330,14 +327,13 @@ class PausingRecorder(Recorder):
 
 def test_pause_from_inside_data_received(clock: MemoryReactorClock) -> None:
     recorder = started_stream(clock, PausingRecorder())
-    expected = 0
-    while recorder.reason is None:
+    for expected in range(1, len(CANNED_TOKENS) + 4):
         clock.advance(INTERVAL * 10)
-        expected += 1
-        assert len(recorder.chunks) == min(expected, len(CANNED_TOKENS) + 3)
+        assert len(recorder.chunks) == expected
+        assert recorder.reason is None  # paused: not even the end is delivered
         assert clock.getDelayedCalls() == []
         recorder.transport.resumeProducing()
-        assert expected < 100
+    clock.advance(INTERVAL)
     assert deltas_of(recorder) == CANNED_ANSWER
     assert_clean_end(recorder, clock)
 
@@ -395,6 +391,36 @@ def test_stop_producing_while_paused(clock: MemoryReactorClock) -> None:
     assert clock.getDelayedCalls() == []
 
 
+class StoppingRecorder(Recorder):
+    """Drops the body as soon as it is connected, as the router's discard does."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class PausedAtStartRecorder(Recorder):
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+
+def test_stop_producing_from_connection_made(clock: MemoryReactorClock) -> None:
+    recorder = started_stream(clock, StoppingRecorder())
+    assert recorder.reason is not None and recorder.reason.check(ResponseFailed)
+    assert clock.getDelayedCalls() == []
+    clock.advance(INTERVAL * 10)
+    assert recorder.chunks == []
+
+
+def test_pause_from_connection_made(clock: MemoryReactorClock) -> None:
+    recorder = started_stream(clock, PausedAtStartRecorder())
+    assert clock.getDelayedCalls() == []
+    clock.advance(INTERVAL * 10)
+    assert recorder.chunks == []
+    recorder.transport.resumeProducing()
+    clock.advance(INTERVAL)
+    assert len(recorder.chunks) == 1
+
+
 def test_stop_producing_after_the_end_is_harmless(clock: MemoryReactorClock) -> None:
     recorder = started_stream(clock)
     drain(clock, recorder)
@@ -426,6 +452,66 @@ def test_cancel_of_an_answered_request_schedules_nothing(clock: MemoryReactorClo
     d.addErrback(lambda f: pytest.fail(f"cancelled after it fired: {f}"))
     d.cancel()
     assert clock.getDelayedCalls() == []
+
+
+class StubProducer:
+    """A body producer the test finishes by hand, in two writes."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred()
+        self.stopped = False
+        self.length = UNKNOWN_LENGTH
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(b'{"model": "sp')
+        consumer.write(b'lit", "messages": []}')
+        return self.done
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+def test_body_is_read_through_start_producing(clock: MemoryReactorClock) -> None:
+    producer = StubProducer()
+    d = MockAgent(clock).request(b"POST", b"mock:///v1/chat/completions", None, producer)
+    assert not d.called  # waits for the producer's Deferred
+    producer.done.callback(None)
+    recorder = start(self_result(d))
+    clock.advance(INTERVAL)
+    assert content(recorder)["model"] == "split"
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_cancel_stops_the_producer_even_if_it_fires_later(
+    clock: MemoryReactorClock, succeeds: bool
+) -> None:
+    producer = StubProducer()
+    d = MockAgent(clock).request(b"POST", b"mock:///v1/chat/completions", None, producer)
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    d.cancel()
+    assert producer.stopped
+    assert len(failures) == 1 and failures[0].check(CancelledError)
+    # A producer that fires after stopProducing breaks its contract; ignore it.
+    if succeeds:
+        producer.done.callback(None)
+    else:
+        producer.done.errback(ValueError("late"))
+    assert self_result(producer.done) is None
+    assert clock.getDelayedCalls() == []
+
+
+def self_result(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert len(results) == 1 and not isinstance(results[0], Failure), results
+    return results[0]
 
 
 def test_treq_default_bytes_producer_uses_the_global_cooperator(

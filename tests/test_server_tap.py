@@ -1,0 +1,54 @@
+"""The twistd plugin: discovery, options, and the service it builds."""
+from __future__ import annotations
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from navtwist.server_tap import Options, make_service
+
+
+def test_twistd_finds_the_navtwist_plugin() -> None:
+    makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+    assert makers["navtwist"].options is Options
+
+
+def test_bad_config_is_a_usage_error_naming_the_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "navtwist.yaml"
+    path.write_text("routes:\n  - name: x\n    endpoint: http://h/v1\n    model: m\n    protocols: [nope]\n    api_key: k\n")
+    with pytest.raises(usage.UsageError, match=r"routes\[0\]\.protocols\[0\]"):
+        Options().parseOptions(["--config", str(path)])
+
+
+def test_command_line_overrides_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "navtwist.yaml"
+    path.write_text("routes:\n  - {name: x, endpoint: 'mock://', model: m, protocols: [openai_chat_completions]}\n")
+    options = Options()
+    options.parseOptions(["--config", str(path), "--listen", "tcp:0:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")])
+    config = options["navtwist-config"]
+    assert config.listen == "tcp:0:interface=127.0.0.1" and config.ca_dir == str(tmp_path / "ca")
+
+
+def test_service_listens_on_the_configured_endpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    options = Options()
+    options.parseOptions(["--listen", "tcp:3999:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")])
+    reactor = MemoryReactorClock()
+    service = make_service(options["navtwist-config"], reactor)
+    service.startService()
+    try:
+        [(port, factory, _backlog, interface)] = reactor.tcpServers
+        assert (port, interface) == (3999, "127.0.0.1")
+        assert (tmp_path / "ca" / "ca.pem").exists()
+    finally:
+        service.stopService()
+
+
+def test_unusable_ca_dir_is_a_one_line_exit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "ca.key").write_text("not a key")
+    options = Options()
+    options.parseOptions(["--ca-dir", str(tmp_path / "ca")])
+    with pytest.raises(SystemExit, match="navtwist: .*ca"):
+        make_service(options["navtwist-config"], MemoryReactorClock())
