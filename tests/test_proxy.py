@@ -9,7 +9,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from navtwist.config import Limits, Timeouts
-from navtwist.proxy import BadHead, ProxyFactory, parse_authority, parse_head
+from navtwist.head import BadHead, parse_authority, parse_head
+from navtwist.proxy import ProxyFactory
 
 
 class FakeCA:
