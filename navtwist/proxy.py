@@ -23,6 +23,7 @@ log = Logger(namespace="navtwist.proxy")
 INFERENCE_HOST = "inference.local"
 INFERENCE_PORT = 443
 
+
 def proxy_error(status: int, error: str, detail: str) -> bytes:
     """A proxy-level refusal: C{{"error": code, "detail": text}} and close."""
     return raw_json_response(status, {"error": error, "detail": detail})
