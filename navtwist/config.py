@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from navtwist.policy import Policy
 from navtwist.protocols import (
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
@@ -76,6 +77,9 @@ class Timeouts:
     tls_handshake: float = 10.0
     keepalive_idle: float = 60.0
     write_stall: float = 60.0
+    # Tunnels and forwarded http:// requests (inference routes have their own).
+    connect: float = 10.0
+    upstream_idle: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +91,7 @@ class Config:
     routes: tuple[Route, ...]
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    policy: Policy = field(default_factory=Policy)
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -96,7 +101,7 @@ class Config:
 
 _ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout")
 _ROUTE_KEYS = ("name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type") + _ROUTE_TIMEOUTS
-_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts")
+_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy")
 
 
 def parse_config(data: object, environ: Mapping[str, str]) -> Config:
@@ -113,6 +118,7 @@ def parse_config(data: object, environ: Mapping[str, str]) -> Config:
         routes=tuple(_route(entry, f"routes[{i}]", environ) for i, entry in enumerate(routes)),
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
+        policy=_policy(top),
     )
 
 
@@ -270,10 +276,23 @@ def _provider_type(route: Mapping[Any, object], path: str) -> str | None:
 
 def _section(top: Mapping[Any, object], key: str, cls: type[_T], read: Callable[..., Any]) -> _T:
     """A mapping of optional values whose keys and defaults are the fields of C{cls}."""
-    value = top.get(key)
     defaults = _defaults(cls)
-    section = _mapping({} if value is None else value, key, defaults)
+    section = _optional_mapping(top, key, defaults)
     return cls(**{name: read(section, name, key, default) for name, default in defaults.items()})
+
+
+def _policy(top: Mapping[Any, object]) -> Policy:
+    """The egress allow-list; absent or empty, nothing is allowed."""
+    where = "policy.allow"
+    entries = _optional_mapping(top, "policy", ("allow",)).get("allow")
+    if entries is None:
+        return Policy()
+    if not isinstance(entries, list):
+        raise _type_error(where, "a list", entries)
+    try:
+        return Policy.parse(entries, where)
+    except ValueError as exc:  # already names the entry, e.g. policy.allow[2]
+        raise ConfigError(str(exc)) from None
 
 
 # Typed accessors.  A key that is present but null counts as absent, so
@@ -288,6 +307,12 @@ def _mapping(value: object, where: str, allowed: Iterable[str]) -> Mapping[Any, 
         if key not in allowed:
             raise ConfigError(f"{_join(where, str(key))}: unknown key (allowed: {', '.join(allowed)})")
     return value
+
+
+def _optional_mapping(top: Mapping[Any, object], key: str, allowed: Iterable[str]) -> Mapping[Any, object]:
+    """The section C{top[key]}; absent, it is empty."""
+    value = top.get(key)
+    return _mapping({} if value is None else value, key, allowed)
 
 
 def _list(mapping: Mapping[Any, object], key: str, path: str) -> list[object]:

@@ -1,13 +1,24 @@
 """The proxy listener: reads each client's first request head and decides.
 
-C{CONNECT inference.local:443} is answered by navtwist itself: 200, then TLS
-with a leaf from our CA, then twisted.web's HTTP/1.1 channel serving the
-inference dispatcher on the decrypted bytes.  Anything else is refused with a
-JSON reason (deny by default).
+- C{CONNECT inference.local:443} is answered by navtwist itself: 200, then TLS
+  with a leaf from our CA, then twisted.web's HTTP/1.1 channel serving the
+  inference dispatcher on the decrypted bytes.
+- C{CONNECT host:port} to a destination the policy allows becomes a tunnel.
+- An absolute-form C{http://} request hands the connection to the forwarding
+  HTTP/1.1 channel (keep-alive), which checks each request's destination.
+- Anything else is refused with a JSON reason (deny by default).
 """
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IProtocol, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,8 +26,10 @@ from zope.interface import implementer
 
 from navtwist.ca import CertificateAuthority
 from navtwist.config import Limits, Timeouts
+from navtwist.egress import Egress, EgressRefused
 from navtwist.head import BadHead, ProxyHead, parse_authority, parse_head
-from navtwist.intercept import InterceptSite, raw_json_response
+from navtwist.intercept import raw_json_response
+from navtwist.tunnel import Splice, TunnelUpstreamFactory
 
 log = Logger(namespace="navtwist.proxy")
 
@@ -29,18 +42,21 @@ def proxy_error(status: int, error: str, detail: str) -> bytes:
     return raw_json_response(status, {"error": error, "detail": detail})
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ProxyProtocol(Protocol):
     """One client connection to the proxy.
 
-    Until the first head is complete this protocol parses it; after an
-    interception it only passes decrypted bytes to the inner HTTP channel.
+    Until the first head is complete this protocol parses it; afterwards it
+    passes bytes to the inner HTTP channel (interception, forwarding) or to
+    the tunnel's splice.
     """
 
     def __init__(self, factory: ProxyFactory) -> None:
         self._factory = factory
         self._buffer = b""
         self._inner: IProtocol | None = None
+        self._splice: Splice | None = None
+        self._dialing: Deferred | None = None
         self._head_call: IDelayedCall | None = None
         self._tls_call: IDelayedCall | None = None
         self._counted = False
@@ -60,6 +76,9 @@ class ProxyProtocol(Protocol):
         if self._inner is not None:
             self._inner.dataReceived(data)
             return
+        if self._splice is not None:
+            self._splice.from_client(data)
+            return
         if self._decided:
             return
         self._buffer += data
@@ -77,17 +96,17 @@ class ProxyProtocol(Protocol):
         self._cancel(self._head_call)
         self._head_call = None
         try:
-            self._handle(parse_head(head), rest)
+            self._handle(parse_head(head), head, rest)
         except BadHead as e:
             self._refuse(400, "bad_request", str(e))
 
-    def _handle(self, head: ProxyHead, rest: bytes) -> None:
+    def _handle(self, head: ProxyHead, raw_head: bytes, rest: bytes) -> None:
         if head.method != b"CONNECT":
             target = head.target.lower()
             if target.startswith(b"https://"):
                 self._refuse(400, "bad_request", "use CONNECT for https:// URLs")
             elif target.startswith(b"http://"):
-                self._refuse(403, "policy_denied", "plain HTTP forwarding is not permitted by policy")
+                self._forward(raw_head + b"\r\n\r\n" + rest)
             else:
                 self._refuse(400, "bad_request", "not a proxy request: expected CONNECT or an absolute http:// URI")
             return
@@ -95,8 +114,7 @@ class ProxyProtocol(Protocol):
         if host == INFERENCE_HOST and port == INFERENCE_PORT:
             self._intercept(host, rest)
         else:
-            log.info("CONNECT {host}:{port} denied by policy", host=host, port=port)
-            self._refuse(403, "policy_denied", f"CONNECT {host}:{port} not permitted by policy")
+            self._tunnel(host, port, rest)
 
     def _intercept(self, host: str, rest: bytes) -> None:
         """Answer the CONNECT ourselves and serve HTTP/1.1 inside our own TLS."""
@@ -111,6 +129,57 @@ class ProxyProtocol(Protocol):
             # Ciphertext that arrived together with the CONNECT head belongs
             # to the TLS layer that now sits in front of this protocol.
             self.transport.protocol.dataReceived(rest)
+
+    def _forward(self, data: bytes) -> None:
+        """Serve this connection with the forwarding HTTP/1.1 channel, head included."""
+        self._decided = True
+        self._inner = self._factory.forward_site.buildProtocol(self.transport.getPeer())
+        self._inner.makeConnection(self.transport)
+        self._inner.dataReceived(data)
+
+    def _tunnel(self, host: str, port: int, rest: bytes) -> None:
+        """Check, resolve and dial the destination, then splice the two connections."""
+        self._decided = True
+        factory = self._factory
+        # Nothing more is read from the client until the tunnel is open: bytes
+        # it sends early wait in the kernel, not in our memory.
+        self.transport.pauseProducing()
+        splice = Splice(self.transport, factory.clock, factory.timeouts.write_stall)
+        label = f"CONNECT {host}:{port}"
+        dialing = factory.egress.destination(host, port, label)
+        dialing.addCallback(factory.egress.connect, port, TunnelUpstreamFactory(splice))
+        dialing.addCallbacks(self._tunnel_open, self._tunnel_refused, (splice, rest), None, (label,))
+        self._dialing = dialing
+
+    def _tunnel_open(self, upstream: IProtocol, splice: Splice, rest: bytes) -> None:
+        self._dialing = None
+        log.info("tunnel open: {peer} → {upstream}", peer=str(self.transport.getPeer()),
+                 upstream=str(upstream.transport.getPeer()))
+        self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self._splice = splice
+        splice.start(upstream.transport, rest)
+        self.transport.resumeProducing()
+
+    def _tunnel_refused(self, failure: Failure, label: str) -> None:
+        self._dialing = None
+        if failure.check(CancelledError):
+            return  # the client left while we were dialling
+        refusal = failure.value if failure.check(EgressRefused) else EgressRefused(
+            502, "upstream_unreachable", "cannot connect to the destination")
+        if not failure.check(EgressRefused):
+            log.failure("tunnel setup failed for {label}", failure, label=label)
+        log.info("{label} refused: {error}", label=label, error=refusal.error)
+        self._refuse(refusal.status, refusal.error, refusal.detail)
+
+    def readConnectionLost(self) -> None:
+        """The client sent FIN: a tunnel passes it on; HTTP modes close."""
+        if self._splice is not None:
+            self._splice.client_eof()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)
@@ -137,6 +206,11 @@ class ProxyProtocol(Protocol):
         self._cancel(self._tls_call)
         if self._counted:
             self._factory.active -= 1
+            self._counted = False
+        if self._dialing is not None:
+            self._dialing.cancel()
+        if self._splice is not None:
+            self._splice.close()
         if self._inner is not None:
             self._inner.connectionLost(reason)
 
@@ -154,13 +228,17 @@ class ProxyFactory(Factory):
     def __init__(
         self,
         ca: CertificateAuthority,
-        site: InterceptSite,
+        site: IProtocolFactory,
+        forward_site: IProtocolFactory,
+        egress: Egress,
         limits: Limits,
         timeouts: Timeouts,
         clock: IReactorTime,
     ) -> None:
         self.ca = ca
         self.site = site
+        self.forward_site = forward_site
+        self.egress = egress
         self.limits = limits
         self.timeouts = timeouts
         self.clock = clock

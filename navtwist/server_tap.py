@@ -7,12 +7,16 @@ from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent
 
 from navtwist.ca import CAError, CertificateAuthority
 from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.dispatch import InferenceDispatcher
+from navtwist.egress import Egress
+from navtwist.forward import ForwardResource
 from navtwist.intercept import InterceptSite
 from navtwist.proxy import ProxyFactory
+from navtwist.relay import RelayTimeouts
 from navtwist.router import InferenceRouter, UpstreamClients
 
 log = Logger(namespace="navtwist")
@@ -54,10 +58,19 @@ def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
         ca = CertificateAuthority.load_or_create(config.ca_dir)
     except CAError as e:
         raise SystemExit(f"navtwist: {e}") from None
+    timeouts = config.timeouts
     clients = UpstreamClients(reactor)
-    router = InferenceRouter(config.routes, reactor, clients.client_for, config.timeouts.write_stall)
-    site = InterceptSite(InferenceDispatcher(router), config.limits, config.timeouts.keepalive_idle, reactor)
-    factory = ProxyFactory(ca, site, config.limits, config.timeouts, reactor)
+    router = InferenceRouter(config.routes, reactor, clients.client_for, timeouts.write_stall)
+    site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor)
+    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
+    forward = ForwardResource(
+        egress,
+        Agent(reactor, connectTimeout=timeouts.connect, pool=clients.pool),
+        reactor,
+        RelayTimeouts(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
+    )
+    forward_site = InterceptSite(forward, config.limits, timeouts.keepalive_idle, reactor)
+    factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor)
 
     top = service.MultiService()
     strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -113,3 +114,22 @@ class FakeResponse:
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(reason or Failure(ResponseDone()))
+
+
+class FakeResolver:
+    """Answers names from a table; a name mapped to None never answers."""
+
+    def __init__(self, table: dict[str, list[str] | None]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, int]] = []
+
+    def resolveHostName(self, receiver, name, portNumber=0, addressTypes=None, transportSemantics="TCP"):  # type: ignore[no-untyped-def]
+        self.asked.append((name, portNumber))
+        answers = self.table.get(name, [])
+        if answers is None:
+            return
+        receiver.resolutionBegan(object())
+        for answer in answers:
+            kind = IPv6Address if ":" in answer else IPv4Address
+            receiver.addressResolved(kind("TCP", answer, portNumber))
+        receiver.resolutionComplete()

@@ -18,6 +18,7 @@ from navtwist.config import (
     parse_config,
     with_overrides,
 )
+from navtwist.policy import Policy
 from navtwist.protocols import PROTOCOLS
 
 SECRET = "nvapi-TOPSECRET-0123456789"
@@ -160,6 +161,33 @@ def test_null_values_mean_defaults() -> None:
     assert route.idle_timeout == 300.0
 
 
+def test_policy_section_parses_allow_entries(tmp_path: Any) -> None:
+    text = OPENSHELL_ROUTES + """\
+policy:
+  allow:
+    - "API.GitHub.com:443"
+    - "*.pythonhosted.org:443"
+    - "pypi.org:*"
+    - "[::1]:8443"
+"""
+    policy = load_config(_write(tmp_path, text), ENV).policy
+    assert [(rule.host, rule.wildcard, rule.port) for rule in policy.rules] == [
+        ("api.github.com", False, 443),
+        ("pythonhosted.org", True, 443),
+        ("pypi.org", False, None),
+        ("::1", False, 8443),
+    ]
+    assert policy.allows("files.pythonhosted.org", 443)
+    assert not policy.allows("api.github.com", 80)
+
+
+@pytest.mark.parametrize("section", [None, {}, {"allow": None}, {"allow": []}])
+def test_absent_or_empty_policy_allows_nothing(section: object) -> None:
+    policy = parse_config(_doc(policy=section), ENV).policy
+    assert policy == Policy() == Config(routes=()).policy
+    assert not policy.allows("pypi.org", 443)
+
+
 def test_mock_scheme_is_case_insensitive() -> None:
     route = parse_config(_doc(routes=[_route(endpoint="MOCK://", api_key_env=None)]), {}).routes[0]
     assert route.is_mock
@@ -177,7 +205,7 @@ def test_accepted_endpoints(endpoint: str) -> None:
 ERROR_CASES: list[tuple[str, object, str, str]] = [
     # (id, document, key path, part of the message)
     ("top-not-mapping", ["routes"], "top level", "expected a mapping, got a list"),
-    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts)"),
+    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts, policy)"),
     ("routes-missing", {"listen": "tcp:3128"}, "routes", "required"),
     ("routes-empty", _doc(routes=[]), "routes", "must not be empty"),
     ("routes-mapping", _doc(routes={"name": "x"}), "routes", "expected a list, got a mapping"),
@@ -262,10 +290,15 @@ ERROR_CASES: list[tuple[str, object, str, str]] = [
     ("limits-bool", _doc(limits={"max_connections": True}), "limits.max_connections", "expected an integer, got a boolean"),
     ("limits-string", _doc(limits={"max_head_bytes": "16k"}), "limits.max_head_bytes", "expected an integer"),
     ("timeouts-list", _doc(timeouts=["x"]), "timeouts", "expected a mapping, got a list"),
-    ("timeouts-unknown", _doc(timeouts={"connect": 1}), "timeouts.connect", "unknown key (allowed: head_read"),
+    ("timeouts-unknown", _doc(timeouts={"connnect": 1}), "timeouts.connnect", "unknown key (allowed: head_read"),
     ("timeouts-zero", _doc(timeouts={"head_read": 0}), "timeouts.head_read", "positive number"),
     ("timeouts-bool", _doc(timeouts={"tls_handshake": False}), "timeouts.tls_handshake", "got a boolean"),
     ("timeouts-string", _doc(timeouts={"write_stall": "60s"}), "timeouts.write_stall", "expected a number"),
+    ("policy-list", _doc(policy=["pypi.org:443"]), "policy", "expected a mapping, got a list"),
+    ("policy-unknown", _doc(policy={"deny": []}), "policy.deny", "unknown key (allowed: allow)"),
+    ("policy-allow-string", _doc(policy={"allow": "pypi.org:443"}), "policy.allow", "expected a list, got a string"),
+    ("policy-entry-number", _doc(policy={"allow": ["pypi.org:443", 443]}), "policy.allow[1]", "expected a string"),
+    ("policy-entry-bad", _doc(policy={"allow": ["pypi.org:443", "*.com:443"]}), "policy.allow[1]", "too broad"),
     ("listen-empty", _doc(listen=""), "listen", "must not be empty"),
     ("listen-number", _doc(listen=3128), "listen", "expected a string, got an integer"),
     ("ca-dir-empty", _doc(ca_dir=" "), "ca_dir", "must not be empty"),

@@ -4,13 +4,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from navtwist.config import Limits, Timeouts
+from navtwist.egress import Egress
+from navtwist.policy import Policy
 from navtwist.head import BadHead, parse_authority, parse_head
 from navtwist.proxy import ProxyFactory
+
+
+from fakes import FakeResolver
 
 
 class FakeCA:
@@ -63,8 +68,15 @@ def site() -> RecordingSite:
 
 
 @pytest.fixture
-def factory(clock: MemoryReactorClock, site: RecordingSite) -> ProxyFactory:
-    return ProxyFactory(FakeCA(), site, Limits(max_head_bytes=512, max_connections=2),
+def forward_site() -> RecordingSite:
+    return RecordingSite()
+
+
+@pytest.fixture
+def factory(clock: MemoryReactorClock, site: RecordingSite, forward_site: RecordingSite) -> ProxyFactory:
+    egress = Egress(clock, clock, FakeResolver({"allowed.example": ["93.184.216.34"]}),
+                    Policy.parse(["allowed.example:443"]), connect_timeout=4)
+    return ProxyFactory(FakeCA(), site, forward_site, egress, Limits(max_head_bytes=512, max_connections=2),
                         Timeouts(head_read=5, tls_handshake=3), clock)
 
 
@@ -108,7 +120,6 @@ def test_completed_handshake_cancels_its_timer(factory: ProxyFactory, clock: Mem
     [
         (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", 403, "policy_denied", "CONNECT example.com:443 not permitted by policy"),
         (b"CONNECT inference.local:80 HTTP/1.1\r\n\r\n", 403, "policy_denied", "CONNECT inference.local:80 not permitted by policy"),
-        (b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 403, "policy_denied", None),
         (b"GET https://example.com/ HTTP/1.1\r\n\r\n", 400, "bad_request", "use CONNECT for https:// URLs"),
         (b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request", None),
         (b"CONNECT example.com HTTP/1.1\r\n\r\n", 400, "bad_request", "CONNECT target must be host:port"),
@@ -178,3 +189,45 @@ def test_parse_authority_normalises(target: bytes, expected: tuple[str, int]) ->
 def test_parse_authority_rejects_non_ascii() -> None:
     with pytest.raises(BadHead):
         parse_authority("exämple.com:443".encode())
+
+
+def test_absolute_http_request_goes_to_the_forward_channel_whole(factory: ProxyFactory, forward_site: RecordingSite) -> None:
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(b"GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\nGET http")
+    assert forward_site.received == b"GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\nGET http"
+    protocol.dataReceived(b"://example.com/y")
+    assert forward_site.received.endswith(b"GET http://example.com/y")
+    assert transport.value() == b""
+
+
+def test_allowed_connect_dials_then_answers_200_and_splices(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n\x16\x03\x01early")
+    assert transport.value() == b""  # nothing promised before the destination answers
+    assert transport.producerState == "paused"
+    host, port, upstream_factory, timeout, _ = clock.tcpClients[0]
+    assert (host, port, timeout) == ("93.184.216.34", 443, 4)
+    upstream = upstream_factory.buildProtocol(None)
+    upstream_transport = StringTransport()
+    upstream.makeConnection(upstream_transport)
+    assert transport.value() == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+    assert upstream_transport.value() == b"\x16\x03\x01early"
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b" more")
+    upstream.dataReceived(b"answer")
+    assert upstream_transport.value().endswith(b" more") and transport.value().endswith(b"answer")
+
+
+def test_client_leaving_while_dialling_cancels_the_dial(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
+    protocol, _ = _connect(factory)
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert clock.connectors[0].stoppedConnecting
+    assert factory.active == 0
+
+
+def test_unreachable_destination_is_502_json(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
+    clock.tcpClients[0][2].clientConnectionFailed(clock.connectors[0], Failure(ConnectionRefusedError()))
+    assert _refusal(transport) == (502, {"error": "upstream_unreachable", "detail": "cannot connect to the destination"})

@@ -22,6 +22,34 @@ from typing import Any, Iterable
 
 POLL = 0.05  # how often a waiting upstream looks for the proxy having closed
 
+# What the proxy under test is configured with, hence what the upstream must see.
+INFERENCE = "inference.local"
+OPENAI_KEY = "sk-route-secret"
+ANTHROPIC_KEY = "sk-ant-route-secret"
+OPENAI_MODEL = "route-model"
+ANTHROPIC_MODEL = "claude-route-model"
+OPENAI_PROTOCOLS = ("openai_chat_completions", "openai_completions", "openai_responses",
+                    "openai_embeddings", "model_discovery")
+
+
+def routes_config(base_url: str, **route_options: Any) -> dict[str, Any]:
+    """The proxy config (minus listen/ca_dir) routing to an upstream at C{base_url}.
+
+    One OpenAI-style route (its endpoint ending in /v1) and one Anthropic
+    route; C{route_options} (e.g. C{first_byte_timeout}) go into both.
+    """
+    return {
+        "routes": [
+            {"name": INFERENCE, "endpoint": f"{base_url}/v1", "model": OPENAI_MODEL,
+             "protocols": list(OPENAI_PROTOCOLS), "api_key": OPENAI_KEY, "provider_type": "openai",
+             **route_options},
+            {"name": INFERENCE, "endpoint": base_url, "model": ANTHROPIC_MODEL,
+             "protocols": ["anthropic_messages"], "api_key": ANTHROPIC_KEY, "provider_type": "anthropic",
+             **route_options},
+        ],
+        "timeouts": {"head_read": 30, "tls_handshake": 10, "keepalive_idle": 60, "write_stall": 60},
+    }
+
 
 class PeerClosed(Exception):
     """The proxy closed (or reset) the connection while we were answering."""
@@ -145,7 +173,7 @@ def tokens(n: int) -> list[str]:
     return [f"w{i:02d} " for i in range(n)]
 
 
-def openai_chat_events(parts: Iterable[str], model: str = "route-model") -> tuple[bytes, ...]:
+def openai_chat_events(parts: Iterable[str], model: str = OPENAI_MODEL) -> tuple[bytes, ...]:
     """A chat.completion.chunk per part (the last with finish_reason), then [DONE]."""
     parts = list(parts)
     events = []
@@ -160,7 +188,7 @@ def openai_chat_events(parts: Iterable[str], model: str = "route-model") -> tupl
     return tuple(events)
 
 
-def anthropic_message_events(parts: Iterable[str], model: str = "claude-route-model") -> tuple[bytes, ...]:
+def anthropic_message_events(parts: Iterable[str], model: str = ANTHROPIC_MODEL) -> tuple[bytes, ...]:
     """The event sequence of a streamed Anthropic message whose text is C{parts}."""
     parts = list(parts)
     message = {

@@ -1,0 +1,130 @@
+"""Deciding and dialling destinations for tunnels and forwarded requests.
+
+Order matters for safety: normalise the name, check the allow-list, resolve,
+refuse if any answer is an internal address (unless the policy names that IP
+literally), then dial exactly the address that was checked, so a second DNS
+answer can never move the connection somewhere else (no rebinding window).
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, DNSLookupError, TCPTimedOutError, TimeoutError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    IResolutionReceiver,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from navtwist.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
+
+
+class EgressRefused(Exception):
+    """A destination the proxy will not or cannot reach, as the client should hear it."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects one name's resolved addresses into a Deferred."""
+
+    def __init__(self) -> None:
+        self.addresses: list[IPAddress] = []
+        self.done: Deferred[list[IPAddress]] = Deferred()
+
+    def resolutionBegan(self, resolution: object) -> None:
+        pass
+
+    def addressResolved(self, address) -> None:  # type: ignore[no-untyped-def]
+        self.addresses.append(ipaddress.ip_address(address.host.split("%", 1)[0]))
+
+    def resolutionComplete(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.addresses)
+
+
+class Egress:
+    """Policy, resolution and dialling, with a deadline on each step."""
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        resolver: IHostnameResolver,
+        policy: Policy,
+        connect_timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._resolver = resolver
+        self.policy = policy
+        self._connect_timeout = connect_timeout
+
+    def destination(self, host: str, port: int, label: str) -> Deferred[IPAddress]:
+        """The one address to dial for C{host:port}, or an L{EgressRefused} failure.
+
+        C{label} names the request in refusals, e.g. C{"CONNECT h:443"}.
+        """
+        try:
+            name = normalize_host(host)
+        except ValueError as e:
+            return fail(EgressRefused(400, "bad_request", f"invalid host: {e}"))
+        if not self.policy.allows(name, port):
+            return fail(EgressRefused(403, "policy_denied", f"{label} not permitted by policy"))
+        literal = parse_ip(name)
+        if literal is not None:
+            # allows() matched an entry naming this IP literally: that is the exemption.
+            return succeed(literal)
+        receiver = _Addresses()
+        self._resolver.resolveHostName(receiver, name, port)
+        deadline = self._clock.callLater(self._connect_timeout, receiver.done.cancel)
+        result = receiver.done.addBoth(_stop_timer, deadline)
+        return result.addCallbacks(self._checked, self._unresolved, callbackArgs=(name, port), errbackArgs=(name,))
+
+    def _checked(self, addresses: list[IPAddress], name: str, port: int) -> IPAddress:
+        if not addresses:
+            raise EgressRefused(502, "upstream_unreachable", f"cannot resolve {name}")
+        address, reason = check_resolved(self.policy, addresses, port)
+        if address is None:
+            raise EgressRefused(403, "ssrf_denied", f"{name} resolves to a {reason} address")
+        return address
+
+    @staticmethod
+    def _unresolved(failure: Failure, name: str) -> Failure:
+        if failure.check(EgressRefused):
+            return failure
+        if failure.check(DNSLookupError):
+            raise EgressRefused(502, "upstream_unreachable", f"cannot resolve {name}")
+        raise EgressRefused(504, "upstream_timeout", f"resolving {name} timed out")
+
+    def connect(self, address: IPAddress, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """Dial exactly C{address}; failures become L{EgressRefused}."""
+        endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+        endpoint = endpoint_type(self._reactor, str(address), port, timeout=self._connect_timeout)
+        return endpoint.connect(factory).addErrback(_dial_failed)
+
+
+def _dial_failed(failure: Failure) -> None:
+    if failure.check(TimeoutError, TCPTimedOutError):
+        raise EgressRefused(504, "upstream_timeout", "connecting to the destination timed out")
+    failure.trap(ConnectError)
+    raise EgressRefused(502, "upstream_unreachable", "cannot connect to the destination")
+
+
+def _stop_timer(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result

@@ -1,0 +1,120 @@
+"""Plain C{http://} forward proxying: absolute-form requests to allowed destinations.
+
+Each request is checked like a tunnel (policy, resolution, SSRF guard), sent
+to exactly the address that was checked, and its response streamed back with
+the same relay and flow control as inference calls.  Bytes pass unchanged:
+the twisted.web Agent is used directly, without treq's content decoding.
+"""
+from __future__ import annotations
+
+from urllib.parse import SplitResult, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from navtwist.egress import Egress, EgressRefused
+from navtwist.intercept import raw_json_response
+from navtwist.policy import IPAddress
+from navtwist.relay import HOP_BY_HOP, Exchange, RelayTimeouts
+from navtwist.router import BytesProducer
+
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
+
+
+def write_refusal(request: Request, status: int, error: str, detail: str) -> None:
+    """Answer with the proxy's own JSON refusal shape."""
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    body = raw_json_response(status, {"error": error, "detail": detail}).partition(b"\r\n\r\n")[2]
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+def forwarded_headers(client: Headers, authority: bytes) -> Headers:
+    """The client's headers minus hop-by-hop and proxy ones; Host from the request URI."""
+    dropped = set(_NOT_FORWARDED)
+    for value in client.getRawHeaders(b"connection", []):
+        dropped.update(token.strip().lower() for token in value.split(b","))
+    out = Headers({name: values for name, values in client.getAllRawHeaders() if name.lower() not in dropped})
+    out.setRawHeaders(b"host", [authority])
+    return out
+
+
+def _failure_refusal(failure: Failure, timed_out: bool) -> EgressRefused:
+    if failure.check(EgressRefused):
+        return failure.value
+    if (timed_out and failure.check(CancelledError)) or failure.check(TimeoutError):
+        return EgressRefused(504, "upstream_timeout", "the destination did not answer in time")
+    if failure.check(ConnectError, DNSLookupError):
+        return EgressRefused(502, "upstream_unreachable", "cannot connect to the destination")
+    return EgressRefused(502, "upstream_error", "the destination sent an invalid response")
+
+
+class ForwardResource(Resource):
+    """Serves absolute-form C{http://} requests made to the proxy."""
+
+    isLeaf = True
+
+    def __init__(self, egress: Egress, agent: IAgent, clock: IReactorTime, timeouts: RelayTimeouts) -> None:
+        super().__init__()
+        self._egress = egress
+        self._agent = agent
+        self._clock = clock
+        self._timeouts = timeouts
+
+    def render(self, request: Request) -> int:
+        request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
+        try:
+            target = urlsplit(request.uri.decode("ascii"))
+            port = target.port or 80
+        except (UnicodeDecodeError, ValueError):
+            write_refusal(request, 400, "bad_request", "invalid request URI")
+            return NOT_DONE_YET
+        if target.scheme == "https":
+            write_refusal(request, 400, "bad_request", "use CONNECT for https:// URLs")
+        elif target.scheme != "http" or not target.hostname:
+            write_refusal(request, 400, "bad_request", "expected an absolute http:// URI")
+        elif target.username is not None or target.password is not None:
+            write_refusal(request, 400, "bad_request", "credentials in the URI are not forwarded")
+        else:
+            self._forward(request, target, port)
+        return NOT_DONE_YET
+
+    def _forward(self, request: Request, target: SplitResult, port: int) -> None:
+        def fail(failure: Failure, timed_out: bool) -> str:
+            refusal = _failure_refusal(failure, timed_out)
+            write_refusal(request, refusal.status, refusal.error, refusal.detail)
+            return refusal.error
+
+        exchange = Exchange(
+            request,
+            self._clock,
+            self._timeouts,
+            fail,
+            stream_error=None,
+            keep_length=True,
+            fields={"forward": f"{target.hostname}:{port}"},
+        )
+        # The first-byte deadline covers resolving and connecting too, and a
+        # client that leaves cancels whichever step is under way.
+        destination = self._egress.destination(target.hostname, port, f"http://{target.hostname}:{port}")
+        exchange.start(destination.addCallback(self._send, request, target, port))
+
+    def _send(self, address: IPAddress, request: Request, target: SplitResult, port: int) -> Deferred[IResponse]:
+        host = f"[{address}]" if address.version == 6 else str(address)
+        url = f"http://{host}:{port}{target.path or '/'}" + (f"?{target.query}" if target.query else "")
+        request.content.seek(0)
+        body = request.content.read()
+        return self._agent.request(
+            request.method,
+            url.encode("ascii"),
+            forwarded_headers(request.requestHeaders, target.netloc.encode("ascii")),
+            BytesProducer(body) if body else None,
+        )

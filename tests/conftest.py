@@ -1,0 +1,307 @@
+"""Fixtures for the integration tests: a local upstream, the real twistd proxy, clients.
+
+Everything runs on 127.0.0.1.  The proxy is the real C{twistd -n navtwist}
+subprocess; its log is checked for tracebacks when each test ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+import yaml
+
+from upstream import INFERENCE, Upstream, routes_config
+
+TWISTD = Path(sys.executable).with_name("twistd")
+TIMEOUT = 10.0  # every client operation and wait in these tests is bounded by this
+
+
+# --- the upstream --------------------------------------------------------------------
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# --- the proxy -----------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    """A running C{twistd -n navtwist}."""
+
+    port: int
+    ca_path: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """Wait until the log contains C{text}; returns the log."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log_text()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout} s; log:\n{log}")
+            time.sleep(0.05)
+        return log
+
+    def rss_bytes(self) -> int:
+        """The proxy's resident set size, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                value, unit = line.split()[1:3]
+                assert unit == "kB", line
+                return int(value) * 1024
+        raise AssertionError("no VmRSS in /proc status")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_listening(proxy: Proxy, deadline: float) -> None:
+    listening = f"ProxyFactory starting on {proxy.port}"
+    while listening not in proxy.log_text():
+        if proxy.process.poll() is not None:
+            raise AssertionError(f"twistd exited with {proxy.process.returncode}:\n{proxy.log_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"twistd not listening after {TIMEOUT} s:\n{proxy.log_text()}")
+        time.sleep(0.05)
+
+
+def _stop(proxy: Proxy) -> None:
+    if proxy.process.poll() is None:
+        proxy.process.send_signal(signal.SIGTERM)
+        try:
+            proxy.process.wait(5)
+        except subprocess.TimeoutExpired:
+            proxy.process.kill()
+            proxy.process.wait(5)
+            raise AssertionError(f"twistd ignored SIGTERM for 5 s:\n{proxy.log_text()}") from None
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Proxy]]:
+    """Factory: start twistd with a config dict (listen and ca_dir are filled in)."""
+    started: list[Proxy] = []
+
+    def start(config: dict[str, Any]) -> Proxy:
+        n = len(started)
+        port = _free_port()
+        config = {"listen": f"tcp:{port}:interface=127.0.0.1", "ca_dir": str(tmp_path / f"ca{n}"), **config}
+        config_path = tmp_path / f"navtwist{n}.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        log_path = tmp_path / f"twistd{n}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        proxy = Proxy(port, Path(config["ca_dir"]) / "ca.pem", process, log_path)
+        started.append(proxy)
+        _wait_listening(proxy, time.monotonic() + TIMEOUT)
+        return proxy
+
+    yield start
+
+    problems = []
+    for proxy in started:
+        try:
+            _stop(proxy)
+        except AssertionError as e:
+            problems.append(str(e))
+        log = proxy.log_text()
+        if "Traceback" in log or "Unhandled Error" in log:
+            problems.append(f"twistd logged an error:\n{log}")
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[[dict[str, Any]], Proxy], upstream: Upstream) -> Proxy:
+    """The proxy with the standard routes to the test's upstream."""
+    return start_proxy(routes_config(upstream.url))
+
+
+# --- clients ---------------------------------------------------------------------------
+
+
+def _client(proxy: Proxy, module: Any, verify: ssl.SSLContext | None = None, sent: list | None = None) -> Any:
+    """An httpx-API client (C{httpx}, or C{httpx2} for the SDKs) through C{proxy};
+    the requests it sends are appended to C{sent}."""
+    if verify is None:
+        verify = ssl.create_default_context(cafile=str(proxy.ca_path))
+    hooks = {} if sent is None else {"request": [sent.append]}
+    return module.Client(proxy=proxy.url, verify=verify, timeout=TIMEOUT, trust_env=False, event_hooks=hooks)
+
+
+@pytest.fixture
+def client_requests() -> list:
+    """The requests the SDK clients sent (httpx2.Request objects), in order."""
+    return []
+
+
+@pytest.fixture
+def make_client(proxy: Proxy) -> Iterator[Callable[..., httpx.Client]]:
+    """Factory: C{make_client(verify=None)} is an httpx.Client through the proxy,
+    trusting the proxy's CA unless another C{verify} context is given."""
+    clients: list[httpx.Client] = []
+
+    def make(verify: ssl.SSLContext | None = None) -> httpx.Client:
+        clients.append(_client(proxy, httpx, verify))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def http_client(make_client: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_client()
+
+
+@pytest.fixture
+def openai_client(proxy: Proxy, client_requests: list) -> Iterator[Any]:
+    import httpx2
+    import openai
+
+    with _client(proxy, httpx2, sent=client_requests) as http:
+        yield openai.OpenAI(base_url=f"https://{INFERENCE}/v1", api_key="sk-client-secret",
+                            http_client=http, max_retries=0, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def anthropic_client(proxy: Proxy, client_requests: list) -> Iterator[Any]:
+    import anthropic
+    import httpx2
+
+    with _client(proxy, httpx2, sent=client_requests) as http:
+        yield anthropic.Anthropic(base_url=f"https://{INFERENCE}", api_key="sk-ant-client",
+                                  http_client=http, max_retries=0, timeout=TIMEOUT)
+
+
+def _recv_head(sock: socket.socket, buffered: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Read an HTTP response head; returns (status, head, bytes read past it)."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed inside the response head: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, rest
+
+
+class Tunnel:
+    """A hand-made client: CONNECT through the proxy, then TLS, with plain socket calls."""
+
+    def __init__(self, proxy: Proxy, rcvbuf: int | None = None) -> None:
+        raw = socket.socket()
+        raw.settimeout(TIMEOUT)
+        if rcvbuf is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: fixes the window
+        raw.connect(("127.0.0.1", proxy.port))
+        raw.sendall(f"CONNECT {INFERENCE}:443 HTTP/1.1\r\nHost: {INFERENCE}:443\r\n\r\n".encode())
+        status, head, rest = _recv_head(raw)
+        assert status == 200 and not rest, head
+        context = ssl.create_default_context(cafile=str(proxy.ca_path))
+        self.sock = context.wrap_socket(raw, server_hostname=INFERENCE)
+        self.buffer = b""
+
+    def request(self, method: str, path: str, body: Any = None) -> None:
+        payload = b"" if body is None else json.dumps(body).encode()
+        self.sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {INFERENCE}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer sk-client-secret\r\ncontent-length: {len(payload)}\r\n\r\n".encode() + payload
+        )
+
+    def read_head(self) -> tuple[int, bytes]:
+        status, head, self.buffer = _recv_head(self.sock)
+        return status, head
+
+    def recv(self, size: int = 65536) -> bytes:
+        """Up to C{size} bytes of what follows; b"" at the end of the connection."""
+        if self.buffer:
+            data, self.buffer = self.buffer[:size], self.buffer[size:]
+            return data
+        return self.sock.recv(size)
+
+    def read_until(self, predicate: Callable[[bytes], bool]) -> bytes:
+        """Read until C{predicate(everything read)} holds."""
+        data = b""
+        while not predicate(data):
+            chunk = self.recv()
+            if not chunk:
+                raise AssertionError(f"connection closed; got {data!r}")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def open_tunnel(proxy: Proxy) -> Iterator[Callable[..., Tunnel]]:
+    """Factory for L{Tunnel}s to the test's proxy; all are closed at teardown."""
+    tunnels: list[Tunnel] = []
+
+    def open_(rcvbuf: int | None = None) -> Tunnel:
+        tunnels.append(Tunnel(proxy, rcvbuf))
+        return tunnels[-1]
+
+    yield open_
+    for tunnel in tunnels:
+        tunnel.close()
+
+
+@pytest.fixture
+def proxy_request(proxy: Proxy) -> Callable[[bytes], tuple[int, bytes, bytes]]:
+    """Send raw bytes to the proxy itself; returns (status, head, body) read until it closes."""
+
+    def send(request: bytes) -> tuple[int, bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            status, head, body = _recv_head(sock)
+            while chunk := sock.recv(65536):
+                body += chunk
+        return status, head, body
+
+    return send
