@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import SplitResult, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -50,7 +50,7 @@ def forwarded_headers(client: Headers, authority: bytes) -> Headers:
 def _failure_refusal(failure: Failure, timed_out: bool) -> EgressRefused:
     if failure.check(EgressRefused):
         return failure.value
-    if (timed_out and failure.check(CancelledError)) or failure.check(TimeoutError):
+    if timed_out or failure.check(TimeoutError):
         return EgressRefused(504, "upstream_timeout", "the destination did not answer in time")
     if failure.check(ConnectError, DNSLookupError):
         return EgressRefused(502, "upstream_unreachable", "cannot connect to the destination")

@@ -179,16 +179,25 @@ class ResponseRelay(Protocol):
             call.cancel()
 
 
-def client_response_headers(upstream: Headers, keep_length: bool) -> Headers:
-    """The upstream's response headers minus hop-by-hop ones (and the length when re-chunking)."""
-    dropped = set(HOP_BY_HOP)
+def client_response_headers(upstream: Headers, length: int | None) -> Headers:
+    """The upstream's response headers minus hop-by-hop ones, with C{length} if known.
+
+    Twisted's client keeps Content-Length and Connection out of
+    C{response.headers} (so headers nominated by Connection cannot be seen
+    here), and treq's content decoder adds an empty Content-Encoding to
+    responses that had none: that one is dropped too.
+    """
+    dropped = set(HOP_BY_HOP) | {b"content-length"}
     for value in upstream.getRawHeaders(b"connection", []):
         dropped.update(token.strip().lower() for token in value.split(b","))
-    if not keep_length:
-        dropped.add(b"content-length")
-    return Headers(
+    if not b"".join(upstream.getRawHeaders(b"content-encoding", [])).strip():
+        dropped.add(b"content-encoding")
+    headers = Headers(
         {name: values for name, values in upstream.getAllRawHeaders() if name.lower() not in dropped}
     )
+    if length is not None:
+        headers.setRawHeaders(b"content-length", [b"%d" % length])
+    return headers
 
 
 @dataclass(frozen=True)
@@ -282,7 +291,7 @@ class Exchange:
         request = self._request
         request.setResponseCode(response.code, response.phrase or None)
         keep_length = self._keep_length and response.length is not UNKNOWN_LENGTH
-        request.responseHeaders = client_response_headers(response.headers, keep_length)
+        request.responseHeaders = client_response_headers(response.headers, response.length if keep_length else None)
         request.write(b"")  # the status line and headers go out now, before any body
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         is_sse = content_type.lower().startswith(b"text/event-stream")

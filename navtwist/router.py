@@ -13,7 +13,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
@@ -143,7 +143,7 @@ class UpstreamClients:
 
 def classify_failure(failure: Failure, timed_out: bool) -> errors.ErrorKind:
     """Which JSON error a failed upstream call becomes."""
-    if timed_out and failure.check(CancelledError):
+    if timed_out:  # our deadline cancelled the call, whatever error that surfaced as
         return errors.UPSTREAM_TIMEOUT
     if failure.check(ConnectError, DNSLookupError, TimeoutError):
         return errors.UPSTREAM_UNAVAILABLE

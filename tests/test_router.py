@@ -124,12 +124,18 @@ def test_response_headers_drop_hop_by_hop_and_connection_listed() -> None:
             b"keep-alive": [b"timeout=5"],
             b"x-hop": [b"1"],
             b"x-request-id": [b"abc"],
+            b"content-encoding": [b""],
         }
     )
-    names = {name.lower() for name, _ in client_response_headers(upstream, keep_length=False).getAllRawHeaders()}
-    assert names == {b"content-type", b"x-request-id"}
-    names = {name.lower() for name, _ in client_response_headers(upstream, keep_length=True).getAllRawHeaders()}
-    assert names == {b"content-type", b"x-request-id", b"content-length"}
+    out = client_response_headers(upstream, None)
+    assert {name.lower() for name, _ in out.getAllRawHeaders()} == {b"content-type", b"x-request-id"}
+    out = client_response_headers(upstream, 11)
+    assert out.getRawHeaders(b"content-length") == [b"11"]
+
+
+def test_real_content_encoding_is_kept() -> None:
+    out = client_response_headers(Headers({b"content-encoding": [b"br"]}), None)
+    assert out.getRawHeaders(b"content-encoding") == [b"br"]
 
 
 @pytest.mark.parametrize(
@@ -139,6 +145,7 @@ def test_response_headers_drop_hop_by_hop_and_connection_listed() -> None:
         (DNSLookupError(), False, errors.UPSTREAM_UNAVAILABLE),
         (TimeoutError(), False, errors.UPSTREAM_UNAVAILABLE),
         (CancelledError(), True, errors.UPSTREAM_TIMEOUT),
+        (ResponseNeverReceived([Failure(CancelledError())]), True, errors.UPSTREAM_TIMEOUT),
         (ResponseNeverReceived([]), False, errors.UPSTREAM_PROTOCOL),
     ],
 )
