@@ -50,8 +50,15 @@ class Route:
     api_key: str = field(repr=False)  # resolved; "" only for mock:// routes
     provider_type: str | None
     connect_timeout: float = 10.0
-    first_byte_timeout: float = 300.0
-    idle_timeout: float = 300.0
+    first_byte_timeout: float = 300.0  # long prefills are normal
+    idle_timeout: float = 300.0  # between body chunks
+    total_timeout: float = 600.0  # non-streaming calls only
+    models: tuple[str, ...] = ()  # client-facing names; empty: the protocol's default route
+    passthrough_model: bool = False  # forward the client's model instead of C{model}
+    fallback: tuple[str, ...] = ()  # names of routes tried next, after those sharing this name
+    fallback_on: tuple[int, ...] = (429, 500, 502, 503, 504)
+    heartbeat: float | None = None  # seconds between SSE comments while waiting for a stream
+    max_concurrent: int | None = None  # beyond it: the next candidate, else 429
 
     @property
     def is_mock(self) -> bool:
@@ -99,8 +106,11 @@ class Config:
         object.__setattr__(self, "ca_dir", os.path.expanduser(self.ca_dir))
 
 
-_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout")
-_ROUTE_KEYS = ("name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type") + _ROUTE_TIMEOUTS
+_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout")
+_ROUTE_KEYS = (
+    "name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type",
+    "models", "passthrough_model", "fallback", "fallback_on", "heartbeat", "max_concurrent",
+) + _ROUTE_TIMEOUTS
 _TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy")
 
 
@@ -115,7 +125,7 @@ def parse_config(data: object, environ: Mapping[str, str]) -> Config:
     return Config(
         listen=_string(top, "listen", "", defaults["listen"]),
         ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
-        routes=tuple(_route(entry, f"routes[{i}]", environ) for i, entry in enumerate(routes)),
+        routes=_check_fallbacks(tuple(_route(entry, f"routes[{i}]", environ) for i, entry in enumerate(routes))),
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
         policy=_policy(top),
@@ -200,15 +210,33 @@ def _route(data: object, path: str, environ: Mapping[str, str]) -> Route:
         # The value is not echoed: a URL can carry credentials.
         raise ConfigError(f"{_join(path, 'endpoint')}: must be http://host[:port][/path], https://host[:port][/path] or mock://")
     defaults = _defaults(Route)
+    passthrough = _bool(route, "passthrough_model", path, False)
+    model = _string(route, "model", path, "") if passthrough else _required_string(route, "model", path)
     return Route(
         name=name,
         endpoint=endpoint,
-        model=_required_string(route, "model", path),
+        model=model,
         protocols=_protocols(route, path),
         api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock"),
         provider_type=_provider_type(route, path),
+        models=_string_list(route, "models", path),
+        passthrough_model=passthrough,
+        fallback=_string_list(route, "fallback", path),
+        fallback_on=_status_list(route, "fallback_on", path, defaults["fallback_on"]),
+        heartbeat=_number(route, "heartbeat", path, None),
+        max_concurrent=_integer(route, "max_concurrent", path, None),
         **{key: _number(route, key, path, defaults[key]) for key in _ROUTE_TIMEOUTS},
     )
+
+
+def _check_fallbacks(routes: tuple[Route, ...]) -> tuple[Route, ...]:
+    """Every name in a C{fallback:} list must be the name of some route."""
+    names = {route.name for route in routes}
+    for i, route in enumerate(routes):
+        for j, name in enumerate(route.fallback):
+            if name not in names:
+                raise ConfigError(f"routes[{i}].fallback[{j}]: no route is named {name!r}")
+    return routes
 
 
 def _is_usable_url(endpoint: str) -> bool:
@@ -346,6 +374,45 @@ def _required_string(mapping: Mapping[Any, object], key: str, path: str) -> str:
     if value is None:
         raise ConfigError(f"{_join(path, key)}: required key is missing")
     return value
+
+
+def _bool(mapping: Mapping[Any, object], key: str, path: str, default: bool) -> bool:
+    value = mapping.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _type_error(_join(path, key), "true or false", value)
+    return value
+
+
+def _string_list(mapping: Mapping[Any, object], key: str, path: str) -> tuple[str, ...]:
+    """An optional list of distinct non-blank strings; absent, empty."""
+    if mapping.get(key) is None:
+        return ()
+    where = _join(path, key)
+    items = _list(mapping, key, path)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _type_error(f"{where}[{i}]", "a string", item)
+        if not item.strip():
+            raise ConfigError(f"{where}[{i}]: must not be empty")
+        if item in items[:i]:
+            raise ConfigError(f"{where}[{i}]: duplicate {item!r}")
+    return tuple(items)  # type: ignore[arg-type]
+
+
+def _status_list(mapping: Mapping[Any, object], key: str, path: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """HTTP status codes; an explicit empty list means none."""
+    value = mapping.get(key)
+    if value is None:
+        return default
+    where = _join(path, key)
+    if not isinstance(value, list):
+        raise _type_error(where, "a list", value)
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise ConfigError(f"{where}[{i}]: expected an HTTP status code (100-599)")
+    return tuple(value)
 
 
 def _number(mapping: Mapping[Any, object], key: str, path: str, default: float) -> float:

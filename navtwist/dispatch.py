@@ -1,12 +1,35 @@
 """The resource that serves inference.local: detect the protocol, refuse the rest."""
 from __future__ import annotations
 
+import json
+from urllib.parse import unquote
+
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist import errors
-from navtwist.protocols import detect
-from navtwist.router import InferenceRouter
+from navtwist.protocols import ANTHROPIC_MESSAGES, MODEL_DISCOVERY, detect
+from navtwist.router import InferenceRouter, client_model, parse_body
+
+
+def model_object(name: str, anthropic: bool) -> dict:
+    """One entry of a model list, in the shape the client's SDK expects."""
+    if anthropic:
+        return {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+    return {"id": name, "object": "model", "created": 0, "owned_by": "navtwist"}
+
+
+def _short(text: str | None) -> str | None:
+    """A client's string, cut so it cannot blow up an error message."""
+    return text if text is None or len(text) <= 200 else text[:200] + "…"
+
+
+def write_json(request: Request, document: dict) -> None:
+    body = json.dumps(document).encode("utf-8")
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
 
 
 class InferenceDispatcher(Resource):
@@ -24,15 +47,47 @@ class InferenceDispatcher(Resource):
         protocol = detect(request.method, request.path)
         if protocol is None:
             errors.write_error(request, None, errors.NOT_INFERENCE)
-            return NOT_DONE_YET
-        route = self._router.pick(protocol)
-        if route is None:
+        elif protocol == MODEL_DISCOVERY:
+            self._models(request)
+        elif not self._router.serves(protocol):
             errors.write_error(request, protocol, errors.NO_ROUTE)
-            return NOT_DONE_YET
+        else:
+            self._route(request, protocol)
+        return NOT_DONE_YET
+
+    def _route(self, request: Request, protocol: str) -> None:
         request.content.seek(0)
         body = request.content.read() or None
         try:
-            self._router.forward(request, protocol, route, body)
+            document = parse_body(body)
         except ValueError:
             errors.write_error(request, protocol, errors.INVALID_JSON)
-        return NOT_DONE_YET
+            return
+        requested = client_model(document)
+        routes = self._router.candidates(protocol, requested)
+        if not routes:
+            offered = ", ".join(self._router.model_names()) or "none"
+            errors.write_error(request, protocol, errors.MODEL_NOT_FOUND,
+                               f"model {_short(requested)!r} is not served here (available: {offered})")
+            return
+        self._router.forward(request, protocol, routes, body, document)
+
+    def _models(self, request: Request) -> None:
+        """Answer from the config: the names clients may ask for, not an upstream's list."""
+        anthropic = request.requestHeaders.hasHeader(b"anthropic-version")
+        names = self._router.model_names()
+        prefix = b"/v1/models/"
+        if request.path.startswith(prefix):
+            name = unquote(request.path[len(prefix):].decode("utf-8", "replace"))
+            if name not in names:
+                errors.write_error(request, ANTHROPIC_MESSAGES if anthropic else None, errors.MODEL_NOT_FOUND,
+                                   f"model {_short(name)!r} is not served here")
+                return
+            write_json(request, model_object(name, anthropic))
+            return
+        data = [model_object(name, anthropic) for name in names]
+        if anthropic:
+            write_json(request, {"data": data, "has_more": False,
+                                 "first_id": names[0] if names else None, "last_id": names[-1] if names else None})
+        else:
+            write_json(request, {"object": "list", "data": data})

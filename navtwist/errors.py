@@ -41,6 +41,14 @@ BODY_TOO_LARGE = ErrorKind(
     413, "request_too_large", "invalid_request_error", "request_too_large",
     "request body exceeds the proxy's limit",
 )
+MODEL_NOT_FOUND = ErrorKind(
+    404, "model_not_found", "not_found_error", "not_found_error",
+    "model not found",
+)
+ROUTE_BUSY = ErrorKind(
+    429, "route_busy", "rate_limit_error", "rate_limit_error",
+    "too many concurrent requests for this model; retry shortly",
+)
 UPSTREAM_UNAVAILABLE = ErrorKind(
     503, "upstream_unavailable", "api_error", "overloaded_error",
     "inference service unavailable",

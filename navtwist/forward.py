@@ -21,7 +21,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from navtwist.egress import Egress, EgressRefused
 from navtwist.intercept import raw_json_response
 from navtwist.policy import IPAddress
-from navtwist.relay import HOP_BY_HOP, Exchange, RelayTimeouts
+from navtwist.exchange import Attempt, Deadlines, Exchange
+from navtwist.relay import HOP_BY_HOP
 from navtwist.router import BytesProducer
 
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
@@ -62,12 +63,12 @@ class ForwardResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, egress: Egress, agent: IAgent, clock: IReactorTime, timeouts: RelayTimeouts) -> None:
+    def __init__(self, egress: Egress, agent: IAgent, clock: IReactorTime, deadlines: Deadlines) -> None:
         super().__init__()
         self._egress = egress
         self._agent = agent
         self._clock = clock
-        self._timeouts = timeouts
+        self._deadlines = deadlines
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
@@ -96,7 +97,6 @@ class ForwardResource(Resource):
         exchange = Exchange(
             request,
             self._clock,
-            self._timeouts,
             fail,
             stream_error=None,
             keep_length=True,
@@ -104,8 +104,13 @@ class ForwardResource(Resource):
         )
         # The first-byte deadline covers resolving and connecting too, and a
         # client that leaves cancels whichever step is under way.
-        destination = self._egress.destination(target.hostname, port, f"http://{target.hostname}:{port}")
-        exchange.start(destination.addCallback(self._send, request, target, port))
+        label = f"http://{target.hostname}:{port}"
+
+        def send() -> Deferred[IResponse]:
+            destination = self._egress.destination(target.hostname, port, label)
+            return destination.addCallback(self._send, request, target, port)
+
+        exchange.start([Attempt(send=send, deadlines=self._deadlines, fields={})])
 
     def _send(self, address: IPAddress, request: Request, target: SplitResult, port: int) -> Deferred[IResponse]:
         host = f"[{address}]" if address.version == 6 else str(address)

@@ -239,7 +239,16 @@ class HardenedSite(Site):
         reactor: IReactorTime,
         requestFactory: type[Request] = CappedRequest,
     ) -> None:
-        super().__init__(resource, requestFactory=requestFactory, timeout=timeouts.keepalive_idle, reactor=reactor)
+        # No form parsing: bodies are passed on as bytes, and Twisted's form
+        # parser is needless work on a large body and raises on some
+        # Content-Type values (a latin-1 NEL, 0x85, is a line break to it).
+        super().__init__(
+            resource,
+            requestFactory=requestFactory,
+            parsePOSTFormSubmission=False,
+            timeout=timeouts.keepalive_idle,
+            reactor=reactor,
+        )
         self.limits = limits
         self.timeouts = timeouts
 

@@ -1,7 +1,5 @@
-"""Relays one upstream response into a client request, chunk by chunk.
+"""Relays one upstream response body into a client request, chunk by chunk.
 
-L{Exchange} covers the wait for the upstream's response head (first-byte
-timeout, cancellation when the client leaves); L{ResponseRelay} the body.
 The relay is both the upstream body's protocol (it receives chunks) and the
 client request's streaming producer (the client's channel pauses and resumes
 it).  Pausing it pauses the upstream transport, so a slow reader slows the
@@ -11,22 +9,16 @@ is coalesced or held back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
-
-log = Logger(namespace="navtwist.relay")
 
 # Response headers that describe one hop, not the response.
 HOP_BY_HOP = frozenset(
@@ -42,6 +34,7 @@ CLIENT_GONE = "client_gone"
 CLIENT_STALLED = "client_stalled"
 UPSTREAM_ERROR = "upstream_error"
 UPSTREAM_IDLE = "upstream_idle_timeout"
+TIMEOUT = "timeout"
 
 
 @implementer(IPushProducer)
@@ -60,6 +53,7 @@ class ResponseRelay(Protocol):
         idle_timeout: float,
         write_stall_timeout: float,
         done: Callable[[str], None],
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
@@ -67,6 +61,8 @@ class ResponseRelay(Protocol):
         self._idle_timeout = idle_timeout
         self._write_stall_timeout = write_stall_timeout
         self._done = done
+        self._on_chunk = on_chunk
+        self._cut_message = ""
         self._idle_call: IDelayedCall | None = None
         self._stall_call: IDelayedCall | None = None
         self._paused = False
@@ -91,6 +87,8 @@ class ResponseRelay(Protocol):
         self.bytes_relayed += len(data)
         self._at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
         self._request.write(data)
+        if self._on_chunk is not None:
+            self._on_chunk(data)  # after the write: observers never delay a chunk
         if not self._paused:
             self._arm_idle()
 
@@ -107,11 +105,7 @@ class ResponseRelay(Protocol):
             return
         outcome = self._outcome or UPSTREAM_ERROR
         if self._stream_error is not None:
-            message = (
-                f"response truncated: upstream sent nothing for {self._idle_timeout:g} s"
-                if outcome == UPSTREAM_IDLE
-                else "response truncated: upstream connection lost"
-            )
+            message = f"response truncated: {self._cut_message or 'upstream connection lost'}"
             separator = b"" if self._at_event_boundary else b"\n\n"
             self._request.write(separator + self._stream_error(message))
             self._request.finish()
@@ -159,7 +153,14 @@ class ResponseRelay(Protocol):
 
     def _upstream_idle(self) -> None:
         self._idle_call = None
-        self._outcome = UPSTREAM_IDLE
+        self.cut(UPSTREAM_IDLE, f"upstream sent nothing for {self._idle_timeout:g} s")
+
+    def cut(self, outcome: str, message: str) -> None:
+        """End the response early (a deadline passed); the client is told why."""
+        if self._ended or self._client_gone:
+            return
+        self._outcome = outcome
+        self._cut_message = message
         self.transport.stopProducing()
 
     def _client_stalled(self) -> None:
@@ -198,131 +199,3 @@ def client_response_headers(upstream: Headers, length: int | None) -> Headers:
     if length is not None:
         headers.setRawHeaders(b"content-length", [b"%d" % length])
     return headers
-
-
-@dataclass(frozen=True)
-class RelayTimeouts:
-    """Deadlines of one exchange, in seconds; none applies to a stream that keeps moving."""
-
-    first_byte: float
-    idle: float
-    write_stall: float
-
-
-class _Discard(Protocol):
-    """Takes a response nobody will read and closes its connection."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-class Exchange:
-    """One upstream call on behalf of C{request}, from sending it to the end of the answer.
-
-    C{fail(failure, timed_out)} answers the client when no response head came
-    (its error shape is the caller's business); C{stream_error} is passed to
-    the relay for SSE responses; C{keep_length} keeps the upstream's
-    Content-Length instead of re-chunking.  C{fields} describe the call in the
-    one log event written when it ends.
-    """
-
-    def __init__(
-        self,
-        request: Request,
-        clock: IReactorTime,
-        timeouts: RelayTimeouts,
-        fail: Callable[[Failure, bool], str],
-        stream_error: Callable[[str], bytes] | None,
-        keep_length: bool,
-        fields: dict[str, Any],
-    ) -> None:
-        self._request = request
-        self._clock = clock
-        self._timeouts = timeouts
-        self._fail = fail
-        self._stream_error = stream_error
-        self._keep_length = keep_length
-        self._fields = fields
-        self._started = clock.seconds()
-        self._pending: Deferred[IResponse] | None = None
-        self._first_byte_call: IDelayedCall | None = None
-        self._timed_out = False
-        self._client_left = False
-        self._relay: ResponseRelay | None = None
-        self._status: int | None = None
-        self._headers_at: float | None = None
-        request.notifyFinish().addErrback(self._client_gone)
-
-    def start(self, pending: Deferred[IResponse]) -> None:
-        """Wait for C{pending}, the upstream response, and relay it."""
-        if self._client_left:
-            pending.cancel()
-        self._pending = pending
-        self._first_byte_call = self._clock.callLater(self._timeouts.first_byte, self._first_byte_timeout)
-        pending.addCallbacks(self._got_response, self._failed)
-
-    def _first_byte_timeout(self) -> None:
-        self._first_byte_call = None
-        self._timed_out = True
-        if self._pending is not None:
-            self._pending.cancel()
-
-    def _client_gone(self, reason: Failure) -> None:
-        self._client_left = True
-        if self._relay is not None:
-            self._relay.stopProducing()
-        elif self._pending is not None:
-            self._pending.cancel()
-
-    def _settled(self) -> None:
-        self._pending = None
-        if self._first_byte_call is not None and self._first_byte_call.active():
-            self._first_byte_call.cancel()
-        self._first_byte_call = None
-
-    def _got_response(self, response: IResponse) -> None:
-        self._settled()
-        self._headers_at = self._clock.seconds()
-        self._status = response.code
-        if self._client_left:
-            response.deliverBody(_Discard())
-            self._finished(CLIENT_GONE)
-            return
-        request = self._request
-        request.setResponseCode(response.code, response.phrase or None)
-        keep_length = self._keep_length and response.length is not UNKNOWN_LENGTH
-        request.responseHeaders = client_response_headers(response.headers, response.length if keep_length else None)
-        request.write(b"")  # the status line and headers go out now, before any body
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_sse = content_type.lower().startswith(b"text/event-stream")
-        self._relay = ResponseRelay(
-            request,
-            self._clock,
-            stream_error=self._stream_error if is_sse else None,
-            idle_timeout=self._timeouts.idle,
-            write_stall_timeout=self._timeouts.write_stall,
-            done=self._finished,
-        )
-        response.deliverBody(self._relay)
-
-    def _failed(self, failure: Failure) -> None:
-        self._settled()
-        if self._client_left:
-            self._finished(CLIENT_GONE)
-            return
-        log.warn("upstream call failed: {fields} error={error}", fields=self._fields, error=failure.type.__name__)
-        self._finished(self._fail(failure, self._timed_out))
-
-    def _finished(self, outcome: str) -> None:
-        now = self._clock.seconds()
-        log.info(
-            "relayed {fields} status={status} outcome={outcome} headers_ms={headers_ms} "
-            "duration_ms={duration_ms} bytes={bytes}",
-            fields=" ".join(f"{k}={v}" for k, v in self._fields.items()),
-            status=self._status if self._status is not None else self._request.code,
-            outcome=outcome,
-            headers_ms=None if self._headers_at is None else round((self._headers_at - self._started) * 1000, 1),
-            duration_ms=round((now - self._started) * 1000, 1),
-            bytes=0 if self._relay is None else self._relay.bytes_relayed,
-            **self._fields,
-        )

@@ -31,7 +31,7 @@ from navtwist.interfaces import IProviderProfile
 from navtwist.mock import MockAgent
 from navtwist.protocols import STREAMING_PROTOCOLS
 from navtwist.providers import get_provider
-from navtwist.relay import Exchange, RelayTimeouts
+from navtwist.exchange import Attempt, ChunkObserver, Deadlines, Exchange, RouteBusy
 
 log = Logger(namespace="navtwist.router")
 
@@ -70,16 +70,32 @@ def upstream_headers(client: Headers, provider: IProviderProfile, api_key: str) 
     return out
 
 
-def rewrite_model(body: bytes, model: str) -> bytes:
-    """Set C{model} in a JSON-object body, keeping the other keys in order.
+def parse_body(body: bytes | None) -> object:
+    """The request's JSON document (None without a body).
 
     @raise ValueError: C{body} is not JSON.
     """
-    document = json.loads(body)
-    if not isinstance(document, dict):
+    return json.loads(body) if body else None
+
+
+def body_for(body: bytes | None, document: object, model: str | None) -> bytes | None:
+    """The body to send upstream: a JSON object gets C{model}, other keys keep their order."""
+    if model is None or not isinstance(document, dict):
         return body
-    document["model"] = model
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    return json.dumps({**document, "model": model}, separators=(",", ":")).encode("utf-8")
+
+
+def client_model(document: object) -> str | None:
+    """The model a client asked for, if its body names one."""
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def upstream_model(route: Route, requested: str | None) -> str | None:
+    """The model the upstream is asked for: the route's, or the client's on passthrough routes."""
+    if route.passthrough_model and requested:
+        return requested
+    return route.model or requested
 
 
 @implementer(IBodyProducer)
@@ -143,6 +159,8 @@ class UpstreamClients:
 
 def classify_failure(failure: Failure, timed_out: bool) -> errors.ErrorKind:
     """Which JSON error a failed upstream call becomes."""
+    if failure.check(RouteBusy):
+        return errors.ROUTE_BUSY
     if timed_out:  # our deadline cancelled the call, whatever error that surfaced as
         return errors.UPSTREAM_TIMEOUT
     if failure.check(ConnectError, DNSLookupError, TimeoutError):
@@ -150,8 +168,29 @@ def classify_failure(failure: Failure, timed_out: bool) -> errors.ErrorKind:
     return errors.UPSTREAM_PROTOCOL
 
 
+class RouteGate:
+    """Counts a route's calls in flight against its C{max_concurrent}."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self.active = 0
+
+    def try_acquire(self) -> bool:
+        if self._limit is not None and self.active >= self._limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
 class InferenceRouter:
-    """Chooses a route for each protocol and sends requests there."""
+    """Chooses the candidate routes for each request and sends it there.
+
+    C{routes} may be replaced at any time (a config reload): requests already
+    under way keep the routes they started with.
+    """
 
     def __init__(
         self,
@@ -159,49 +198,99 @@ class InferenceRouter:
         clock: IReactorTime,
         clients: Callable[[Route], HTTPClient],
         write_stall_timeout: float,
+        observe: Callable[[str, bool], ChunkObserver] | None = None,
     ) -> None:
-        self._routes = tuple(routes)
         self._clock = clock
         self._clients = clients
         self._write_stall_timeout = write_stall_timeout
+        self._observe = observe
+        self._gates: dict[Route, RouteGate] = {}
+        self.replace_routes(routes)
 
-    def pick(self, protocol: str) -> Route | None:
-        """The first route that serves C{protocol}."""
-        for route in self._routes:
-            if protocol in route.protocols:
-                return route
-        return None
+    def replace_routes(self, routes: Sequence[Route]) -> None:
+        """Take new routes for new requests; a route kept unchanged keeps its gate."""
+        self.routes = tuple(routes)
+        self._gates = {route: self._gates.get(route) or RouteGate(route.max_concurrent) for route in self.routes}
 
-    def forward(self, request: Request, protocol: str, route: Route, body: bytes | None) -> None:
-        """Send C{request} to C{route}'s upstream and relay the answer to the client.
+    def serves(self, protocol: str) -> bool:
+        return any(protocol in route.protocols for route in self.routes)
 
-        @raise ValueError: C{body} is not JSON.
+    def candidates(self, protocol: str, model: str | None) -> list[Route]:
+        """The routes to try, in order, for C{protocol} and the client's C{model}.
+
+        The first is the first route listing C{model} in C{models:}, else the
+        first without C{models:} (the protocol's default).  Then come the other
+        routes with its name that would take the same request, then those
+        named in its C{fallback:} list.
         """
-        if body:
-            body = rewrite_model(body, route.model)
-        headers = upstream_headers(request.requestHeaders, get_provider(route.provider_type), route.api_key)
+        serving = [route for route in self.routes if protocol in route.protocols]
+
+        def accepts(route: Route) -> bool:
+            return not route.models or model in route.models
+
+        first = next((r for r in serving if model is not None and model in r.models), None)
+        first = first or next((r for r in serving if not r.models), None)
+        if first is None:
+            return []
+        ordered = [first] + [r for r in serving if r.name == first.name and r is not first and accepts(r)]
+        for name in first.fallback:
+            ordered += [r for r in serving if r.name == name and r not in ordered]
+        return ordered
+
+    def model_names(self) -> list[str]:
+        """The model names clients may ask for, as configured (no upstream is asked)."""
+        names: dict[str, None] = {}
+        for route in self.routes:
+            for name in route.models or ((route.model,) if route.model else ()):
+                names[name] = None
+        return list(names)
+
+    def forward(self, request: Request, protocol: str, routes: Sequence[Route], body: bytes | None, document: object) -> None:
+        """Send C{request} to the first of C{routes} that answers and relay its answer."""
+        requested = client_model(document)
+        streaming = isinstance(document, dict) and document.get("stream") is True
 
         def fail(failure: Failure, timed_out: bool) -> str:
             kind = classify_failure(failure, timed_out)
+            if kind is errors.ROUTE_BUSY:
+                request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
             errors.write_error(request, protocol, kind)
             return kind.code
 
+        def attempt(route: Route) -> Attempt:
+            model = upstream_model(route, requested)
+            headers = upstream_headers(request.requestHeaders, get_provider(route.provider_type), route.api_key)
+            client = self._clients(route)
+
+            def send() -> Deferred:
+                return client.request(
+                    request.method.decode("ascii"),
+                    upstream_url(route.endpoint, request.uri),
+                    headers=headers,
+                    data=body_for(body, document, model),
+                    unbuffered=True,
+                    allow_redirects=False,
+                )
+
+            return Attempt(
+                send=send,
+                deadlines=Deadlines(route.first_byte_timeout, route.idle_timeout, self._write_stall_timeout,
+                                    route.total_timeout),
+                fields={"route": route.name, "upstream_model": model},
+                fallback_on=frozenset(route.fallback_on),
+                heartbeat=route.heartbeat,
+                gate=self._gates.get(route) or RouteGate(route.max_concurrent),
+            )
+
+        observe = self._observe
         exchange = Exchange(
             request,
             self._clock,
-            RelayTimeouts(route.first_byte_timeout, route.idle_timeout, self._write_stall_timeout),
             fail,
             stream_error=partial(errors.stream_error_event, protocol),
             keep_length=protocol not in STREAMING_PROTOCOLS,
-            fields={"protocol": protocol, "route": route.name},
+            fields={"protocol": protocol, "client_model": requested},
+            streaming=streaming,
+            observe=None if observe is None else partial(observe, protocol),
         )
-        exchange.start(
-            self._clients(route).request(
-                request.method.decode("ascii"),
-                upstream_url(route.endpoint, request.uri),
-                headers=headers,
-                data=body,
-                unbuffered=True,
-                allow_redirects=False,
-            )
-        )
+        exchange.start([attempt(route) for route in routes])

@@ -14,9 +14,10 @@ from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.dispatch import InferenceDispatcher
 from navtwist.egress import Egress
 from navtwist.forward import ForwardResource
+from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
 from navtwist.proxy import ProxyFactory
-from navtwist.relay import RelayTimeouts
+from navtwist.exchange import Deadlines
 from navtwist.router import InferenceRouter, UpstreamClients
 
 log = Logger(namespace="navtwist")
@@ -61,15 +62,17 @@ def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
     timeouts = config.timeouts
     clients = UpstreamClients(reactor)
     router = InferenceRouter(config.routes, reactor, clients.client_for, timeouts.write_stall)
-    site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor)
+    site = InterceptSite(
+        InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor, head_read=timeouts.head_read
+    )
     egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
     forward = ForwardResource(
         egress,
         Agent(reactor, connectTimeout=timeouts.connect, pool=clients.pool),
         reactor,
-        RelayTimeouts(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
+        Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
     )
-    forward_site = InterceptSite(forward, config.limits, timeouts.keepalive_idle, reactor)
+    forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor)
 
     top = service.MultiService()

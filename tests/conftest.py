@@ -115,6 +115,9 @@ def _stop(proxy: Proxy) -> None:
             proxy.process.kill()
             proxy.process.wait(5)
             raise AssertionError(f"twistd ignored SIGTERM for 5 s:\n{proxy.log_text()}") from None
+    # twistd re-raises the signal it stopped on, once it has shut down cleanly.
+    if proxy.process.returncode not in (0, -signal.SIGTERM) or "Server Shut Down." not in proxy.log_text():
+        raise AssertionError(f"twistd exited with {proxy.process.returncode}:\n{proxy.log_text()}")
 
 
 @pytest.fixture
@@ -294,13 +297,18 @@ def open_tunnel(proxy: Proxy) -> Iterator[Callable[..., Tunnel]]:
 
 @pytest.fixture
 def proxy_request(proxy: Proxy) -> Callable[[bytes], tuple[int, bytes, bytes]]:
-    """Send raw bytes to the proxy itself; returns (status, head, body) read until it closes."""
+    """Send raw bytes to the proxy itself; returns (status, head, body).
+
+    The body is read to its content-length, or else until the proxy closes.
+    """
 
     def send(request: bytes) -> tuple[int, bytes, bytes]:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
             sock.sendall(request)
             status, head, body = _recv_head(sock)
-            while chunk := sock.recv(65536):
+            lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
+                       if line.lower().startswith(b"content-length:")]
+            while (not lengths or len(body) < int(lengths[0])) and (chunk := sock.recv(65536)):
                 body += chunk
         return status, head, body
 

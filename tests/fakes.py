@@ -1,17 +1,24 @@
 """Scriptable upstream fakes for deterministic tests of the router and relay."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from navtwist.config import Limits, parse_config
+from navtwist.dispatch import InferenceDispatcher
+from navtwist.intercept import InterceptSite
+from navtwist.router import InferenceRouter, make_client
 
 
 class _Collect:
@@ -133,3 +140,49 @@ class FakeResolver:
             kind = IPv6Address if ":" in answer else IPv4Address
             receiver.addressResolved(kind("TCP", answer, portNumber))
         receiver.resolutionComplete()
+
+
+@dataclass
+class Harness:
+    clock: MemoryReactorClock
+    agent: FakeAgent
+    channel: object
+    transport: StringTransport
+    router: InferenceRouter
+
+    def send(self, method: str, path: str, body: bytes = b"", **headers: str) -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: inference.local", "Authorization: Bearer sk-client"]
+        lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+        if body:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        self.channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def output(self) -> bytes:
+        return self.transport.value()
+
+    def response_json(self) -> tuple[int, dict]:
+        head, _, body = self.output().partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), json.loads(body)
+
+    def disconnect(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionDone()))
+
+    def another_connection(self) -> "Harness":
+        """A second client connection to the same site, router and upstream."""
+        channel = self.channel.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return Harness(self.clock, self.agent, channel, transport, self.router)
+
+
+def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 1024) -> Harness:
+    """A real twisted.web channel on a StringTransport, serving the inference
+    dispatcher with routes from C{config}; upstream calls go to a L{FakeAgent}."""
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    router = InferenceRouter(parse_config(config, {}).routes, clock, lambda route: make_client(agent), write_stall)
+    site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=max_body_bytes), 60, clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return Harness(clock, agent, channel, transport, router)

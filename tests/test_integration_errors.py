@@ -8,26 +8,17 @@ from __future__ import annotations
 import json
 import ssl
 
+import anthropic
 import httpx
 import openai
 import pytest
 
-from upstream import Json, Stream, anthropic_message_events, openai_chat_events, routes_config, tokens
+from upstream import BASE, Json, Stream, anthropic_message_events, openai_chat_events, routes_config, tokens
 
 pytestmark = pytest.mark.integration
 
-BASE = "https://inference.local"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGE = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def assert_openai_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and isinstance(error["type"], str)
-    return error
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -40,8 +31,25 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> dic
 def test_paths_not_served_are_refused(upstream, http_client, method, path):
     response = http_client.request(method, f"{BASE}{path}")
 
-    assert_openai_error(response, 403, "policy_denied")
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == "policy_denied"
+    assert isinstance(error["message"], str) and isinstance(error["type"], str)
     assert response.headers["server"] == "navtwist"
+    assert upstream.exchanges == []
+
+
+@pytest.mark.parametrize(("path", "content", "error_field"), [
+    ("/v1/chat/completions", b"{not json", ("code", "invalid_json")),  # OpenAI's error shape
+    ("/v1/messages", b"\xff\xfe", ("type", "invalid_request_error")),  # Anthropic's
+])
+def test_body_that_is_not_json_is_refused(upstream, http_client, path, content, error_field):
+    response = http_client.post(f"{BASE}{path}", content=content, headers={"content-type": "application/json"})
+
+    assert response.status_code == 400
+    key, value = error_field
+    assert response.json()["error"][key] == value
     assert upstream.exchanges == []
 
 
@@ -105,9 +113,15 @@ class TestUpstreamUnreachable:
     def proxy(self, start_proxy, closed_port):
         return start_proxy(routes_config(f"http://127.0.0.1:{closed_port}"))
 
-    def test_openai_sdk_gets_503(self, openai_client, closed_port):
-        with pytest.raises(openai.APIStatusError) as caught:
-            openai_client.chat.completions.create(**CHAT)
+    @pytest.mark.parametrize(("sdk_client", "call", "error_class"), [
+        pytest.param("openai_client", lambda c: c.chat.completions.create(**CHAT), openai.APIStatusError,
+                     id="openai"),
+        pytest.param("anthropic_client", lambda c: c.messages.create(**MESSAGE), anthropic.APIStatusError,
+                     id="anthropic"),
+    ])
+    def test_sdk_gets_503(self, request, closed_port, sdk_client, call, error_class):
+        with pytest.raises(error_class) as caught:
+            call(request.getfixturevalue(sdk_client))
 
         assert caught.value.status_code == 503
         assert_no_address(caught.value.message, closed_port)
@@ -149,7 +163,6 @@ def test_upstream_dying_mid_stream_ends_with_an_error_event(upstream, http_clien
     assert received[:3] == [event.decode() for event in events[:3]]
     assert len(received) == 4, received
     assert error_event in received[3]
-    assert "upstream connection lost" in received[3]
 
 
 def test_upstream_dying_mid_stream_raises_in_openai_sdk(upstream, openai_client):
@@ -161,3 +174,11 @@ def test_upstream_dying_mid_stream_raises_in_openai_sdk(upstream, openai_client)
             received.append(chunk.choices[0].delta.content)
 
     assert received == tokens(3)
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/chat/completions"])
+def test_upstream_dying_mid_json_is_not_relayed_as_complete(upstream, http_client, path):
+    upstream.script = Json(body={"object": "list", "data": [{"embedding": [0.5] * 200}]}, die_after=300)
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        http_client.post(f"{BASE}{path}", json={"model": "m", "input": "x"})

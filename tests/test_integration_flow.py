@@ -5,16 +5,17 @@ memory; a client that leaves must make the proxy leave the upstream too.
 """
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 from typing import Any, Callable
 
 import pytest
 
-from upstream import Firehose, Json, Script, Stream, openai_chat_events, routes_config, tokens
+from upstream import BASE, ByPath, Firehose, Json, Script, Stream, openai_chat_events, routes_config, tokens
 
 pytestmark = pytest.mark.integration
 
-BASE = "https://inference.local"
 CHAT = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 KiB = 1024
 MiB = 1024 * KiB
@@ -62,6 +63,23 @@ def test_slow_reader_pauses_the_upstream(upstream, proxy, open_tunnel):
     assert exchange.peer_closed_at is not None
 
 
+def test_a_stalled_reader_does_not_hold_up_other_clients(upstream, proxy, open_tunnel, http_client):
+    models = {"object": "list", "data": []}
+    upstream.script = ByPath(paths={"/v1/models": Json(body=models)}, default=Firehose(total=200 * MiB))
+    stalled = open_tunnel(rcvbuf=64 * KiB)
+    stalled.request("POST", "/v1/chat/completions", CHAT)
+    assert stalled.read_head()[0] == 200
+    firehose = upstream.only()
+    time.sleep(0.3)  # let the buffers fill and the proxy pause the upstream
+
+    start = time.monotonic()
+    response = http_client.get(f"{BASE}/v1/models")
+
+    assert response.json() == models
+    assert time.monotonic() - start < 1
+    assert firehose.bytes_sent < 16 * MiB and not firehose.completed
+
+
 def _read_two_events(tunnel: Any) -> None:
     status, head = tunnel.read_head()
     assert status == 200, head
@@ -105,9 +123,6 @@ class TestRouteTimeouts:
     def proxy(self, start_proxy, upstream):
         return start_proxy(routes_config(upstream.url, first_byte_timeout=0.5, idle_timeout=0.5))
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "navtwist bug: a cancelled treq call fails with ResponseNeverReceived([CancelledError]), "
-        "which classify_failure does not recognise as the first-byte timeout: 502, not 504"))
     def test_no_headers_in_time_is_504(self, upstream, http_client):
         upstream.script = Json(body={}, headers_delay=5)
 
@@ -134,3 +149,79 @@ class TestRouteTimeouts:
         exchange = upstream.only()
         exchange.wait(NOTICE_WITHIN)
         assert exchange.peer_closed_at is not None and not exchange.completed
+
+
+class TestWriteStall:
+    """A proxy that gives up on a client which reads nothing for 1 s."""
+
+    @pytest.fixture
+    def proxy(self, start_proxy, upstream):
+        return start_proxy({**routes_config(upstream.url), "timeouts": {"write_stall": 1}})
+
+    def test_stalled_client_is_cut_off_and_the_upstream_released(self, upstream, open_tunnel):
+        upstream.script = Firehose(total=200 * MiB)
+        tunnel = open_tunnel(rcvbuf=64 * KiB)
+        tunnel.request("POST", "/v1/chat/completions", CHAT)
+        assert tunnel.read_head()[0] == 200
+        start = time.monotonic()
+
+        exchange = upstream.only()
+        exchange.wait(1 + NOTICE_WITHIN)
+        assert exchange.peer_closed_at is not None and not exchange.completed
+        assert exchange.peer_closed_at - start > 0.9
+
+        received = 0
+        try:
+            while chunk := tunnel.recv():
+                received += len(chunk)
+        except (ConnectionError, ssl.SSLError):  # the proxy aborted: a reset, maybe as TLS reports it
+            pass
+        assert received < 32 * MiB, "the proxy kept the stalled connection"
+
+
+def seconds_until_closed(sock: socket.socket | ssl.SSLSocket) -> float:
+    """Read (and discard) until the proxy closes or resets C{sock}; returns how long that took."""
+    start = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return time.monotonic() - start
+
+
+class TestClientTimeouts:
+    """A proxy that waits 1 s for a request head, a TLS handshake, or the next request."""
+
+    @pytest.fixture
+    def proxy(self, start_proxy, upstream):
+        timeouts = {"head_read": 1, "tls_handshake": 1, "keepalive_idle": 1}
+        return start_proxy({**routes_config(upstream.url), "timeouts": timeouts})
+
+    @pytest.fixture
+    def raw(self, proxy):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            yield sock
+
+    def test_no_request_head(self, raw):
+        raw.sendall(b"CONNECT inference.local:443 HTTP/1.1\r\n")  # and nothing more
+
+        start = time.monotonic()
+        answer = raw.recv(65536)
+
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert 0.5 < time.monotonic() - start < 3
+        assert seconds_until_closed(raw) < 1
+
+    def test_no_tls_handshake(self, raw):
+        raw.sendall(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+        assert 0.5 < seconds_until_closed(raw) < 3
+
+    def test_idle_tunnel(self, upstream, open_tunnel):
+        tunnel = open_tunnel()
+        tunnel.request("GET", "/v1/models")
+        assert tunnel.read_head()[0] == 200
+
+        assert 0.5 < seconds_until_closed(tunnel.sock) < 3

@@ -10,14 +10,14 @@ import json
 import shutil
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any
 
-import httpx
 import pytest
 
 from upstream import (
     ANTHROPIC_KEY,
     ANTHROPIC_MODEL,
+    BASE,
     OPENAI_KEY,
     OPENAI_MODEL,
     Exchange,
@@ -30,7 +30,6 @@ from upstream import (
 
 pytestmark = pytest.mark.integration
 
-BASE = "https://inference.local"
 CLIENT_SECRETS = ("sk-client-secret", "sk-ant-client")
 INTERVAL = 0.15  # between upstream events in the timing tests
 MAX_LAG = 0.4  # how long after the upstream sent an event the client may get it
@@ -104,14 +103,16 @@ def test_anthropic_sdk_message_stream_arrives_token_by_token(upstream, anthropic
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_stream_arrives_line_by_line(upstream, proxy):
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip-upstream"])
+def test_curl_stream_arrives_line_by_line(upstream, proxy, gzip):
+    """With a gzip upstream, the proxy's decoder must not hold events back either."""
     parts = tokens(10)
-    upstream.script = Stream(events=openai_chat_events(parts), interval=INTERVAL)
+    upstream.script = Stream(events=openai_chat_events(parts), interval=INTERVAL, gzip=gzip)
     body = json.dumps({"model": "m", "stream": True, "messages": MESSAGES})
 
     start = time.monotonic()
     with subprocess.Popen(
-        ["curl", "-sS", "-N", "--max-time", "10", "-x", proxy.url, "--cacert", str(proxy.ca_path),
+        ["curl", "-sS", "-N", "--max-time", "10", "--noproxy", "", "-x", proxy.url, "--cacert", str(proxy.ca_path),
          f"{BASE}/v1/chat/completions", "-H", "content-type: application/json", "-d", body],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ) as curl:
@@ -185,15 +186,9 @@ def test_openai_sdk_call(upstream, openai_client, call, document, request_line, 
         assert exchange.body == b""
 
 
-# Twisted's HTTP client moves Content-Length out of response.headers into
-# response.length, and navtwist/router.py only looks in the headers, so the
-# length is always dropped and every response is re-chunked.
-LENGTH_DROPPED = pytest.mark.xfail(strict=True, reason="navtwist bug: upstream content-length never relayed")
-
-
 @pytest.mark.parametrize(("method", "path", "framing"), [
-    pytest.param("POST", "/v1/embeddings", "length", marks=LENGTH_DROPPED),
-    pytest.param("GET", "/v1/models", "length", marks=LENGTH_DROPPED),
+    ("POST", "/v1/embeddings", "length"),
+    ("GET", "/v1/models", "length"),
     ("POST", "/v1/chat/completions", "chunked"),  # a streaming protocol: relayed as it comes
 ])
 def test_response_framing(upstream, http_client, method, path, framing):
@@ -215,10 +210,9 @@ def test_response_framing(upstream, http_client, method, path, framing):
 @pytest.mark.parametrize("absent", [
     "proxy-authenticate",  # hop-by-hop by definition
     pytest.param("x-hop", marks=pytest.mark.xfail(strict=True, reason=(
-        "navtwist bug: Twisted's client strips Connection from response.headers, "
-        "so headers it nominates are relayed"))),
-    pytest.param("content-encoding", marks=pytest.mark.xfail(strict=True, reason=(
-        "navtwist bug: treq's ContentDecoderAgent adds an empty Content-Encoding"))),
+        "known limitation: Twisted's client keeps Connection out of response.headers, "
+        "so the headers it nominates cannot be dropped"))),
+    "content-encoding",  # treq's decoder invents an empty one; it must not reach the client
 ])
 def test_response_headers(upstream, http_client, absent):
     upstream.script = Json(body={}, headers=(
@@ -285,13 +279,15 @@ def test_anthropic_headers(upstream, http_client, client_headers, expected):
 
 
 def test_keep_alive_reuses_one_tunnel(upstream, http_client):
-    upstream.script = Json(body={"object": "list", "data": []})
+    """Streams end cleanly (chunked terminator), so the next request can use the same tunnel."""
+    upstream.script = Stream(events=openai_chat_events(tokens(3)))
 
     local_ports = set()
-    for _ in range(3):
-        response = http_client.get(f"{BASE}/v1/models")
+    for method, path in [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1/completions")]:
+        response = http_client.request(method, f"{BASE}{path}", json=None if method == "GET" else {"stream": True})
         assert response.status_code == 200
+        assert response.text.endswith("data: [DONE]\n\n")
         local_ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
 
     assert len(upstream.wait_for(3)) == 3
-    assert len(local_ports) == 1, "each request opened a new CONNECT tunnel"
+    assert len(local_ports) == 1, "a request opened a new CONNECT tunnel"

@@ -6,20 +6,13 @@ fake agent answered by hand, and a MemoryReactorClock drives every timeout.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from navtwist.config import Limits, parse_config
-from navtwist.dispatch import InferenceDispatcher
-from navtwist.intercept import InterceptSite
-from navtwist.router import InferenceRouter, make_client
-
-from fakes import FakeAgent, FakeResponse
+from fakes import FakeResponse, Harness, make_harness
 
 ROUTES = {
     "routes": [
@@ -46,42 +39,9 @@ WRITE_STALL = 15.0
 CHAT = json.dumps({"model": "client-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-@dataclass
-class Harness:
-    clock: MemoryReactorClock
-    agent: FakeAgent
-    channel: object
-    transport: StringTransport
-
-    def send(self, method: str, path: str, body: bytes = b"", **headers: str) -> None:
-        lines = [f"{method} {path} HTTP/1.1", "Host: inference.local", "Authorization: Bearer sk-client"]
-        lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
-        if body:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        self.channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-
-    def output(self) -> bytes:
-        return self.transport.value()
-
-    def response_json(self) -> tuple[int, dict]:
-        head, _, body = self.output().partition(b"\r\n\r\n")
-        return int(head.split(b" ")[1]), json.loads(body)
-
-    def disconnect(self) -> None:
-        self.channel.connectionLost(Failure(ConnectionDone()))
-
-
 @pytest.fixture
 def harness() -> Harness:
-    clock = MemoryReactorClock()
-    agent = FakeAgent()
-    config = parse_config(ROUTES, {})
-    router = InferenceRouter(config.routes, clock, lambda route: make_client(agent), WRITE_STALL)
-    site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=1024), 60, clock)
-    channel = site.buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return Harness(clock, agent, channel, transport)
+    return make_harness(ROUTES, write_stall=WRITE_STALL, max_body_bytes=1024)
 
 
 def _stream(h: Harness, response: FakeResponse | None = None) -> FakeResponse:
@@ -296,12 +256,18 @@ def test_chunked_body_over_cap_is_413(harness: Harness) -> None:
 
 
 def test_keep_alive_serves_requests_in_order(harness: Harness) -> None:
-    harness.send("GET", "/v1/models")
-    harness.send("GET", "/v1/models/route-model")  # pipelined behind the first
+    harness.send("POST", "/v1/embeddings", b'{"input":"a"}')
+    harness.send("POST", "/v1/embeddings", b'{"input":"b"}')  # pipelined behind the first
     assert len(harness.agent.calls) == 1
     first = FakeResponse(headers={b"content-type": [b"application/json"]})
     harness.agent.calls[0].deferred.callback(first)
     first.send(b"[1]")
     first.end()
-    assert len(harness.agent.calls) == 2 and harness.agent.calls[1].uri.endswith(b"/models/route-model")
-    assert harness.agent.calls[0].body is None
+    assert len(harness.agent.calls) == 2 and json.loads(harness.agent.calls[1].body)["input"] == "b"
+
+
+def test_models_are_listed_from_the_config_not_an_upstream(harness: Harness) -> None:
+    harness.send("GET", "/v1/models")
+    status, doc = harness.response_json()
+    assert status == 200 and [m["id"] for m in doc["data"]] == ["route-model", "claude"]
+    assert harness.agent.calls == []

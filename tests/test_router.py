@@ -14,8 +14,9 @@ from navtwist import errors
 from navtwist.providers import get_provider
 from navtwist.relay import client_response_headers
 from navtwist.router import (
+    body_for,
     classify_failure,
-    rewrite_model,
+    parse_body,
     upstream_headers,
     upstream_url,
 )
@@ -98,20 +99,25 @@ def test_no_key_means_no_auth_header() -> None:
     assert b"authorization" not in out and b"x-api-key" not in out
 
 
+def _rewrite(body: bytes, model: str | None) -> bytes | None:
+    return body_for(body, parse_body(body), model)
+
+
 def test_rewrite_model_keeps_key_order() -> None:
     body = b'{"messages":[{"role":"user","content":"hi"}],"model":"client","stream":true,"z":1}'
-    assert list(json.loads(rewrite_model(body, "route"))) == ["messages", "model", "stream", "z"]
-    assert json.loads(rewrite_model(body, "route"))["model"] == "route"
+    assert list(json.loads(_rewrite(body, "route"))) == ["messages", "model", "stream", "z"]
+    assert json.loads(_rewrite(body, "route"))["model"] == "route"
 
 
 def test_rewrite_model_adds_missing_model_and_leaves_non_objects() -> None:
-    assert json.loads(rewrite_model(b'{"input":"x"}', "m")) == {"input": "x", "model": "m"}
-    assert rewrite_model(b"[1, 2]", "m") == b"[1, 2]"
+    assert json.loads(_rewrite(b'{"input":"x"}', "m")) == {"input": "x", "model": "m"}
+    assert _rewrite(b"[1, 2]", "m") == b"[1, 2]"
+    assert _rewrite(b'{"input":"x"}', None) == b'{"input":"x"}'
 
 
-def test_rewrite_model_rejects_invalid_json() -> None:
+def test_invalid_json_is_refused() -> None:
     with pytest.raises(ValueError):
-        rewrite_model(b"{not json", "m")
+        parse_body(b"{not json")
 
 
 def test_response_headers_drop_hop_by_hop_and_connection_listed() -> None:

@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ POLL = 0.05  # how often a waiting upstream looks for the proxy having closed
 
 # What the proxy under test is configured with, hence what the upstream must see.
 INFERENCE = "inference.local"
+BASE = f"https://{INFERENCE}"  # the URL clients use
 OPENAI_KEY = "sk-route-secret"
 ANTHROPIC_KEY = "sk-ant-route-secret"
 OPENAI_MODEL = "route-model"
@@ -102,16 +104,25 @@ class Script:
 
 @dataclass(frozen=True, kw_only=True)
 class Json(Script):
-    """A fixed JSON document with a content-length."""
+    """A fixed JSON document with a content-length.
+
+    With C{die_after}, only that many bytes of it are sent, then the
+    connection is closed.
+    """
 
     body: Any = field(default_factory=dict)
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
+    die_after: int | None = None
 
     def serve(self, conn: _Connection, exchange: Exchange) -> None:
         payload = json.dumps(self.body).encode("utf-8")
         head = [("content-type", "application/json"), ("content-length", str(len(payload))), *self.headers]
         conn.send_head(self.status, head)
+        if self.die_after is not None:
+            conn.send_body(exchange, payload[:self.die_after])
+            conn.die()
+            return
         conn.send_body(exchange, payload)
         exchange.completed = True
 
@@ -127,17 +138,23 @@ class Stream(Script):
     events: tuple[bytes, ...]
     interval: float = 0.0
     die_after: int | None = None
+    gzip: bool = False  # each event compressed and flushed on its own, as streaming servers do
 
     def serve(self, conn: _Connection, exchange: Exchange) -> None:
-        conn.send_head(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
+        head = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")]
+        compressor = zlib.compressobj(wbits=31) if self.gzip else None
+        conn.send_head(200, head + [("content-encoding", "gzip")] if compressor else head)
         for i, event in enumerate(self.events):
             if i == self.die_after:
                 conn.die()
                 return
             if i and self.interval:
                 conn.wait_unless_closed(self.interval)
-            conn.send_chunk(exchange, event)
+            data = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else event
+            conn.send_chunk(exchange, data)
             exchange.events_sent.append((time.monotonic(), event))
+        if compressor:
+            conn.send_chunk(exchange, compressor.flush())
         conn.end_chunks()
         exchange.completed = True
 
@@ -156,6 +173,23 @@ class Firehose(Script):
             conn.send_chunk(exchange, event)
         conn.end_chunks()
         exchange.completed = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ByPath(Script):
+    """C{paths[path]} for requests to that path (query ignored), C{default} for the others."""
+
+    paths: dict[str, Script]
+    default: Script
+
+    def serve(self, conn: _Connection, exchange: Exchange) -> None:
+        run(self.paths.get(exchange.path.split("?")[0], self.default), conn, exchange)
+
+
+def run(script: Script, conn: _Connection, exchange: Exchange) -> None:
+    if script.headers_delay:
+        conn.wait_unless_closed(script.headers_delay)
+    script.serve(conn, exchange)
 
 
 # --- event builders ----------------------------------------------------------------
@@ -313,11 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
         exchange = Exchange(self.command, self.path, headers, self._read_body(), time.monotonic())
         upstream._record(exchange)
         conn = _Connection(self)
-        script = upstream.script
         try:
-            if script.headers_delay:
-                conn.wait_unless_closed(script.headers_delay)
-            script.serve(conn, exchange)
+            run(upstream.script, conn, exchange)
         except PeerClosed:
             exchange.peer_closed_at = time.monotonic()
         finally:
