@@ -153,6 +153,10 @@ class UpstreamClients:
             client = self._clients[route] = make_client(agent)
         return client
 
+    def retain(self, routes: Sequence[Route]) -> None:
+        """Forget clients of routes a reload removed (calls under way keep theirs)."""
+        self._clients = {route: client for route, client in self._clients.items() if route in routes}
+
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
 

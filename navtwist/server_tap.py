@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
@@ -16,8 +17,9 @@ from navtwist.egress import Egress
 from navtwist.forward import ForwardResource
 from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
-from navtwist.proxy import ProxyFactory
 from navtwist.exchange import Deadlines
+from navtwist.proxy import ProxyFactory
+from navtwist.reload import ConfigReloader
 from navtwist.router import InferenceRouter, UpstreamClients
 
 log = Logger(namespace="navtwist")
@@ -30,16 +32,27 @@ class Options(usage.Options):
         ["config", "c", None, "YAML config file (default: the embedded default config)."],
         ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
         ["ca-dir", None, None, "Directory of ca.pem and ca.key, overriding the config."],
+        ["watch-interval", None, 2.0, "Seconds between checks of the config file with --watch.", float],
+    ]
+    optFlags = [
+        ["watch", "w", "Reload the config file whenever it changes (SIGHUP always reloads)."],
     ]
 
     def postOptions(self) -> None:
         # Validation happens here so that a bad config is a one-line usage
         # error and twistd exits non-zero before daemonizing.
         try:
-            config = load_config(self["config"], os.environ)
+            self["navtwist-config"] = self.load()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        self["navtwist-config"] = with_overrides(config, self["listen"], self["ca-dir"])
+        if self["watch"] and not self["config"]:
+            raise usage.UsageError("--watch needs --config")
+        if self["watch-interval"] <= 0:
+            raise usage.UsageError("--watch-interval must be positive")
+
+    def load(self) -> Config:
+        """The config as the command line says: the file (or default) plus overrides."""
+        return with_overrides(load_config(self["config"], os.environ), self["listen"], self["ca-dir"])
 
 
 class _UpstreamPoolService(service.Service):
@@ -53,8 +66,18 @@ class _UpstreamPoolService(service.Service):
         return self._clients.close()
 
 
-def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
-    """The proxy as a MultiService listening on C{config.listen}."""
+def make_service(
+    config: Config,
+    reactor: IReactorTime,
+    reload: Callable[[], Config] | None = None,
+    config_path: str | None = None,
+    watch_interval: float | None = None,
+) -> service.MultiService:
+    """The proxy as a MultiService listening on C{config.listen}.
+
+    With C{reload}, SIGHUP (and C{watch_interval} polling of C{config_path})
+    re-reads the config through it.
+    """
     try:
         ca = CertificateAuthority.load_or_create(config.ca_dir)
     except CAError as e:
@@ -78,6 +101,14 @@ def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
     top = service.MultiService()
     strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
+    if reload is not None:
+
+        def apply(new: Config) -> None:
+            router.replace_routes(new.routes)
+            clients.retain(new.routes)
+            egress.policy = new.policy
+
+        ConfigReloader(config, reload, apply, reactor, config_path, watch_interval).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
     for route in config.routes:
         log.info(
@@ -92,4 +123,10 @@ def make_service(config: Config, reactor: IReactorTime) -> service.MultiService:
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    return make_service(options["navtwist-config"], reactor)
+    return make_service(
+        options["navtwist-config"],
+        reactor,
+        reload=options.load,
+        config_path=options["config"],
+        watch_interval=options["watch-interval"] if options["watch"] else None,
+    )

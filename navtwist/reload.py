@@ -1,0 +1,97 @@
+"""Reloading the config without dropping a connection: SIGHUP, or polling the file.
+
+A valid new config takes effect for new requests (routes and policy); calls
+already under way keep the routes they started with.  An invalid one is
+logged, naming the problem, and the old config stays.  Settings that need a
+restart (listen, ca_dir, limits, timeouts) are reported, not applied.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+from twisted.application import service
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from navtwist.config import Config, ConfigError
+
+log = Logger(namespace="navtwist.reload")
+
+_RESTART_ONLY = ("listen", "ca_dir", "limits", "timeouts")
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ConfigReloader(service.Service):
+    """Re-reads the config on SIGHUP and, if asked, whenever the file changes."""
+
+    def __init__(
+        self,
+        current: Config,
+        load: Callable[[], Config],
+        apply: Callable[[Config], None],
+        reactor: IReactorTime,
+        path: str | None,
+        watch_interval: float | None,
+    ) -> None:
+        self.current = current
+        self._load = load
+        self._apply = apply
+        self._reactor = reactor
+        self._path = path
+        self._watch_interval = watch_interval
+        self._watch: LoopingCall | None = None
+        self._seen = _file_state(path) if path else None
+        self._previous_handler: object = None
+
+    def startService(self) -> None:
+        super().startService()
+        if IReactorCore.providedBy(self._reactor):
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self._path and self._watch_interval:
+            self._watch = LoopingCall(self._poll)
+            self._watch.clock = self._reactor
+            self._watch.start(self._watch_interval, now=False)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+        return super().stopService()
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        # Signal handlers run between bytecodes of whatever the reactor was
+        # doing: hand the work to the reactor thread.
+        self._reactor.callFromThread(self.reload)
+
+    def _poll(self) -> None:
+        state = _file_state(self._path)
+        if state is not None and state != self._seen:
+            self._seen = state
+            self.reload()
+
+    def reload(self) -> bool:
+        """Load and apply the config; on any problem keep the old one."""
+        try:
+            config = self._load()
+        except ConfigError as e:
+            log.error("config reload failed, keeping the current config: {error}", error=str(e))
+            return False
+        for key in _RESTART_ONLY:
+            if getattr(config, key) != getattr(self.current, key):
+                log.warn("config reload: {key} changed; it takes effect after a restart", key=key)
+        self._apply(config)
+        self.current = config
+        log.info("config reloaded: {routes} routes, {rules} policy rules",
+                 routes=len(config.routes), rules=len(config.policy.rules))
+        return True
