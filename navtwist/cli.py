@@ -53,7 +53,7 @@ def _add_env(commands: argparse._SubParsersAction) -> None:
 
 def _env(args: argparse.Namespace) -> int:
     try:
-        config = with_overrides(load_config(args.config, os.environ), None, args.ca_dir)
+        config = with_overrides(load_config(args.config, os.environ, require_keys=False), None, args.ca_dir)
         result = prepare(config, args.proxy_url)
     except (ConfigError, CAError, EnvError, OSError) as e:
         print(f"navtwist env: {e}", file=sys.stderr)

@@ -114,8 +114,11 @@ _ROUTE_KEYS = (
 _TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy")
 
 
-def parse_config(data: object, environ: Mapping[str, str]) -> Config:
+def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = True) -> Config:
     """Validate already-loaded YAML C{data}; C{environ} resolves C{api_key_env}.
+
+    With C{require_keys} false, an unset key variable leaves the key empty:
+    for tools that read the config but never call an upstream.
 
     @raise ConfigError: for the first problem found.
     """
@@ -125,14 +128,16 @@ def parse_config(data: object, environ: Mapping[str, str]) -> Config:
     return Config(
         listen=_string(top, "listen", "", defaults["listen"]),
         ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
-        routes=_check_fallbacks(tuple(_route(entry, f"routes[{i}]", environ) for i, entry in enumerate(routes))),
+        routes=_check_fallbacks(
+            tuple(_route(entry, f"routes[{i}]", environ, require_keys) for i, entry in enumerate(routes))
+        ),
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
         policy=_policy(top),
     )
 
 
-def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
+def load_config(path: str | None, environ: Mapping[str, str], require_keys: bool = True) -> Config:
     """Read and validate the YAML file at C{path}; no path means L{default_config}.
 
     @raise ConfigError: naming C{path}, for unreadable, malformed or invalid files.
@@ -153,7 +158,7 @@ def load_config(path: str | None, environ: Mapping[str, str]) -> Config:
     if data is None:
         raise ConfigError(f"config {path}: file is empty")
     try:
-        return parse_config(data, environ)
+        return parse_config(data, environ, require_keys)
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
 
@@ -202,7 +207,7 @@ def with_overrides(config: Config, listen: str | None, ca_dir: str | None) -> Co
     )
 
 
-def _route(data: object, path: str, environ: Mapping[str, str]) -> Route:
+def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bool) -> Route:
     route = _mapping(data, path, _ROUTE_KEYS)
     name = _required_string(route, "name", path)
     endpoint = _required_string(route, "endpoint", path)
@@ -217,7 +222,7 @@ def _route(data: object, path: str, environ: Mapping[str, str]) -> Route:
         endpoint=endpoint,
         model=model,
         protocols=_protocols(route, path),
-        api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock"),
+        api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock", require_keys),
         provider_type=_provider_type(route, path),
         models=_string_list(route, "models", path),
         passthrough_model=passthrough,
@@ -268,7 +273,7 @@ def _protocols(route: Mapping[Any, object], path: str) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _api_key(route: Mapping[Any, object], path: str, environ: Mapping[str, str], mock: bool) -> str:
+def _api_key(route: Mapping[Any, object], path: str, environ: Mapping[str, str], mock: bool, require: bool) -> str:
     """Resolve the route's key now, so a missing variable stops start-up."""
     key = _string(route, "api_key", path, None)
     env = _string(route, "api_key_env", path, None)
@@ -277,6 +282,8 @@ def _api_key(route: Mapping[Any, object], path: str, environ: Mapping[str, str],
     if env is not None:
         where = _join(path, "api_key_env")
         key = environ.get(env, "")
+        if not key and not require:
+            return ""
         if not key:
             raise ConfigError(f"{where}: environment variable {env!r} is not set or is empty")
     elif key is not None:

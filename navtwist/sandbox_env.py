@@ -65,16 +65,17 @@ def prepare(config: Config, proxy_url: str | None, system_stores: Iterable[str] 
     Creates the CA if missing, so this works before the proxy first starts,
     and (re)writes the bundle next to it.  C{proxy_url} (None: derive it from
     C{config.listen}) is how the sandbox reaches the proxy, which from inside
-    a network namespace is not the listen address.  C{system_stores} (None:
+    a network namespace may not be the listen address.  C{system_stores} (None:
     L{system_store_candidates}) are the files tried for the system's CAs.
 
     @raise EnvError: for an unusable or underivable proxy URL, or an unwritable bundle.
     @raise CAError: when the CA cannot be loaded or created.
     """
-    notes = []
+    notes: list[str] = []
     if proxy_url is None:
         url, note = proxy_url_from_listen(config.listen)
-        notes += [note] if note else []
+        if note:
+            notes.append(note)
     else:
         url = check_proxy_url(proxy_url)
     ca = CertificateAuthority.load_or_create(config.ca_dir)

@@ -541,3 +541,11 @@ def test_config_is_frozen() -> None:
         config.listen = "tcp:1"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.routes[0].api_key = "x"  # type: ignore[misc]
+
+
+def test_tools_that_never_call_upstreams_can_read_configs_without_keys() -> None:
+    document = {"routes": [{"name": "r", "endpoint": "https://x/v1", "model": "m",
+                            "protocols": ["openai_chat_completions"], "api_key_env": "UNSET_KEY"}]}
+    with pytest.raises(ConfigError, match="UNSET_KEY"):
+        parse_config(document, {})
+    assert parse_config(document, {}, require_keys=False).routes[0].api_key == ""
