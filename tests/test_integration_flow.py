@@ -64,8 +64,8 @@ def test_slow_reader_pauses_the_upstream(upstream, proxy, open_tunnel):
 
 
 def test_a_stalled_reader_does_not_hold_up_other_clients(upstream, proxy, open_tunnel, http_client):
-    models = {"object": "list", "data": []}
-    upstream.script = ByPath(paths={"/v1/models": Json(body=models)}, default=Firehose(total=200 * MiB))
+    embeddings = {"object": "list", "data": []}
+    upstream.script = ByPath(paths={"/v1/embeddings": Json(body=embeddings)}, default=Firehose(total=200 * MiB))
     stalled = open_tunnel(rcvbuf=64 * KiB)
     stalled.request("POST", "/v1/chat/completions", CHAT)
     assert stalled.read_head()[0] == 200
@@ -73,9 +73,9 @@ def test_a_stalled_reader_does_not_hold_up_other_clients(upstream, proxy, open_t
     time.sleep(0.3)  # let the buffers fill and the proxy pause the upstream
 
     start = time.monotonic()
-    response = http_client.get(f"{BASE}/v1/models")
+    response = http_client.post(f"{BASE}/v1/embeddings", json={"input": "x"})
 
-    assert response.json() == models
+    assert response.json() == embeddings
     assert time.monotonic() - start < 1
     assert firehose.bytes_sent < 16 * MiB and not firehose.completed
 
@@ -113,7 +113,7 @@ def test_client_leaving_cancels_the_upstream_call(upstream, http_client, open_tu
 
     # The proxy is still fine for the next client.
     upstream.script = Json(body={"object": "list", "data": []})
-    assert http_client.get(f"{BASE}/v1/models").status_code == 200
+    assert http_client.post(f"{BASE}/v1/embeddings", json={"input": "x"}).status_code == 200
 
 
 class TestRouteTimeouts:
