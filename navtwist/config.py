@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from navtwist import hooks
 from navtwist.policy import Policy
 from navtwist.protocols import (
     MODEL_DISCOVERY,
@@ -26,7 +27,7 @@ from navtwist.protocols import (
     OPENAI_RESPONSES,
     PROTOCOLS,
 )
-from navtwist.providers import BUILTIN_PROVIDERS, get_provider
+from navtwist.providers import get_provider, providers
 
 _T = TypeVar("_T")
 
@@ -99,6 +100,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: Policy = field(default_factory=Policy)
+    plugins: tuple[str, ...] = ()  # request hooks and stream observers to enable, by name
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -111,7 +113,7 @@ _ROUTE_KEYS = (
     "name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type",
     "models", "passthrough_model", "fallback", "fallback_on", "heartbeat", "max_concurrent",
 ) + _ROUTE_TIMEOUTS
-_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy")
+_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins")
 
 
 def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = True) -> Config:
@@ -134,6 +136,7 @@ def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = 
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
         policy=_policy(top),
+        plugins=_plugins(top),
     )
 
 
@@ -304,7 +307,7 @@ def _provider_type(route: Mapping[Any, object], path: str) -> str | None:
         try:
             get_provider(name)
         except KeyError:
-            known = ", ".join(sorted(BUILTIN_PROVIDERS))
+            known = ", ".join(sorted(providers()))
             raise ConfigError(f"{_join(path, 'provider_type')}: unknown provider type {name!r} (known: {known})") from None
     return name
 
@@ -328,6 +331,17 @@ def _policy(top: Mapping[Any, object]) -> Policy:
         return Policy.parse(entries, where)
     except ValueError as exc:  # already names the entry, e.g. policy.allow[2]
         raise ConfigError(str(exc)) from None
+
+
+def _plugins(top: Mapping[Any, object]) -> tuple[str, ...]:
+    """Enabled plugin names, each one installed: a typo must stop start-up."""
+    names = _string_list(top, "plugins", "")
+    known = hooks.available()
+    for i, name in enumerate(names):
+        if name not in known:
+            offered = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"plugins[{i}]: no plugin named {name!r} is installed (installed: {offered})")
+    return names
 
 
 # Typed accessors.  A key that is present but null counts as absent, so

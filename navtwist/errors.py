@@ -67,6 +67,13 @@ RESPONSE_TOO_LARGE = ErrorKind(
 )
 
 
+def refused_by_hook(status: int) -> ErrorKind:
+    """The error kind for a request hook's refusal with C{status}."""
+    client_error = 400 <= status < 500
+    kind = "invalid_request_error" if client_error else "api_error"
+    return ErrorKind(status, "request_refused", kind, kind, "request refused by the proxy")
+
+
 def error_document(protocol: str | None, kind: ErrorKind, message: str | None = None) -> dict:
     """The error object for C{protocol}'s SDK family (OpenAI's when unknown)."""
     text = message or kind.message

@@ -30,6 +30,22 @@ class RouteBusy(Exception):
     """Every candidate was at its concurrency limit."""
 
 
+class UpstreamStatus(Exception):
+    """A candidate answered with a status its route falls back on."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+
+
+class ExchangeListener(TypingProtocol):
+    """Told what happened to an exchange: for metrics."""
+
+    def attempt_failed(self, failure: Failure, timed_out: bool) -> None: ...
+
+    def ended(self, record: dict[str, Any]) -> None: ...
+
+
 class Gate(TypingProtocol):
     """Admission for one upstream: at most some number of calls at once."""
 
@@ -77,6 +93,8 @@ class ChunkObserver(TypingProtocol):
 
     def summary(self) -> dict[str, Any]: ...
 
+    def ended(self, record: dict[str, Any]) -> None: ...
+
 
 class _Discard(Protocol):
     """Takes a response nobody will read and closes its connection."""
@@ -93,8 +111,9 @@ class Exchange:
     C{stream_error(message)} makes the SSE event that reports a cut stream;
     C{keep_length} keeps the upstream's Content-Length; C{streaming} says the
     client asked for a stream (heartbeats apply, the total deadline does not);
-    C{observe(is_sse)} gives an observer of the body.  C{fields} describe the
-    call in the one log event written when it ends.
+    C{observe(is_sse)} gives an observer of the body; C{listener} hears of
+    failed candidates and of the end.  C{fields} describe the call in the one
+    log event written when it ends.
     """
 
     def __init__(
@@ -107,6 +126,7 @@ class Exchange:
         fields: dict[str, Any],
         streaming: bool = False,
         observe: Callable[[bool], ChunkObserver] | None = None,
+        listener: ExchangeListener | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
@@ -116,6 +136,7 @@ class Exchange:
         self._fields = dict(fields)
         self._streaming = streaming
         self._observe = observe
+        self._listener = listener
         self._started = clock.seconds()
         self._attempts: list[Attempt] = []
         self._current: Attempt | None = None
@@ -183,6 +204,8 @@ class Exchange:
             self._end(CLIENT_GONE)
             return
         log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=failure.type.__name__)
+        if self._listener is not None:
+            self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():
             self._next(failure)
         else:
@@ -198,6 +221,8 @@ class Exchange:
             return
         if response.code in attempt.fallback_on and self._can_fall_back():
             log.info("falling back: {fields} answered {status}", fields=attempt.fields, status=response.code)
+            if self._listener is not None:
+                self._listener.attempt_failed(Failure(UpstreamStatus(response.code)), False)
             attempt.gate.release()
             response.deliverBody(_Discard())
             self._next(None)
@@ -318,6 +343,10 @@ class Exchange:
             record.update(summary)
         self.record = record
         log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), **record)
+        if self._observer is not None:
+            self._observer.ended(record)
+        if self._listener is not None:
+            self._listener.ended(record)
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:

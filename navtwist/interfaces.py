@@ -21,3 +21,43 @@ class IProviderProfile(Interface):
 
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
         """The header pairs that carry C{api_key} to the upstream."""
+
+    def url(endpoint: str, uri: bytes) -> bytes:
+        """The upstream URL for request-target C{uri} on a route's C{endpoint}."""
+
+
+class IRequestHook(Interface):
+    """Sees each inference request before it goes upstream; may change or refuse it.
+
+    Enabled by name in the config's C{plugins:} list.
+    """
+
+    name = Attribute("The name that enables this hook in C{plugins:} (str).")
+
+    def before_upstream(request: object) -> object:
+        """Inspect or change C{request}, a L{navtwist.hooks.InferenceRequest}
+        (protocol, route, client_model, mutable JSON C{document}, mutable
+        extra upstream C{headers}).  Return None to go on, or a
+        L{navtwist.hooks.Refusal} to answer the client with its status and
+        message instead.  An exception is logged and answered with a 500.
+        """
+
+
+class IStreamObserver(Interface):
+    """Watches responses as they are relayed: for auditing and custom metrics.
+
+    Methods must not block and must not keep chunks: they see every byte of
+    every response.  An exception is logged and the response goes on.
+    Enabled by name in the config's C{plugins:} list.
+    """
+
+    name = Attribute("The name that enables this observer in C{plugins:} (str).")
+
+    def response_started(info: object) -> None:
+        """The response head went out; C{info} is the request's L{navtwist.hooks.InferenceRequest}."""
+
+    def chunk(info: object, data: bytes) -> None:
+        """C{data} was just written to the client (read-only)."""
+
+    def response_ended(info: object, record: object) -> None:
+        """The exchange is over; C{record} is its usage record (a mapping)."""

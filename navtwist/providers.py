@@ -1,8 +1,16 @@
-"""Built-in provider profiles: how each upstream vendor wants its key and headers."""
+"""Provider profiles: how each upstream vendor wants its key, headers and URLs.
+
+The built-in profiles live in the plugin package like any third-party one
+(C{navtwist/plugins/builtin_providers.py}); this module holds the common
+implementation and the lookup by C{provider_type}.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from urllib.parse import urlsplit
 
+from twisted.plugin import IPlugin, getPlugins
 from zope.interface import implementer
 
 from navtwist.interfaces import IProviderProfile
@@ -10,7 +18,23 @@ from navtwist.interfaces import IProviderProfile
 DEFAULT_PROVIDER = "openai"
 
 
-@implementer(IProviderProfile)
+def openshell_url(endpoint: str, uri: bytes) -> bytes:
+    """The upstream URL for request-target C{uri} on a route's C{endpoint}.
+
+    An endpoint whose path ends in C{/v1} or starts with C{/v1/} already names
+    the API version, so the request's leading C{/v1} is dropped (OpenShell's
+    rule).  The query string is kept.
+    """
+    parts = urlsplit(endpoint)
+    endpoint_path = parts.path.rstrip("/")
+    base = f"{parts.scheme}://{parts.netloc}{endpoint_path}"
+    path, sep, query = uri.partition(b"?")
+    if (endpoint_path.endswith("/v1") or endpoint_path.startswith("/v1/")) and path.startswith(b"/v1/"):
+        path = path[len(b"/v1"):]
+    return base.encode("ascii") + path + sep + query
+
+
+@implementer(IPlugin, IProviderProfile)
 @dataclass(frozen=True)
 class ProviderProfile:
     """A provider that sends its key in one header, optionally with a scheme prefix."""
@@ -26,29 +50,21 @@ class ProviderProfile:
             return []
         return [(self.auth_header, self.auth_scheme + api_key.encode("utf-8"))]
 
-
-_OPENAI_STYLE_PASSTHROUGH = frozenset({b"openai-organization", b"openai-project", b"x-model-id"})
-
-BUILTIN_PROVIDERS: dict[str, ProviderProfile] = {
-    p.name: p
-    for p in (
-        ProviderProfile("openai", passthrough_headers=_OPENAI_STYLE_PASSTHROUGH),
-        ProviderProfile("nvidia", passthrough_headers=_OPENAI_STYLE_PASSTHROUGH),
-        ProviderProfile("deepinfra", passthrough_headers=_OPENAI_STYLE_PASSTHROUGH),
-        ProviderProfile(
-            "anthropic",
-            auth_header=b"x-api-key",
-            auth_scheme=b"",
-            passthrough_headers=frozenset({b"anthropic-version", b"anthropic-beta"}),
-            default_headers=((b"anthropic-version", b"2023-06-01"),),
-        ),
-    )
-}
+    def url(self, endpoint: str, uri: bytes) -> bytes:
+        return openshell_url(endpoint, uri)
 
 
-def get_provider(name: str | None) -> ProviderProfile:
+@cache
+def providers() -> dict[str, IProviderProfile]:
+    """Every provider profile installed in the plugin package, by name."""
+    import navtwist.plugins
+
+    return {profile.name: profile for profile in getPlugins(IProviderProfile, navtwist.plugins)}
+
+
+def get_provider(name: str | None) -> IProviderProfile:
     """The profile for C{name}; no name means OpenAI-style Bearer auth.
 
     @raise KeyError: for an unknown provider type.
     """
-    return BUILTIN_PROVIDERS[name or DEFAULT_PROVIDER]
+    return providers()[name or DEFAULT_PROVIDER]

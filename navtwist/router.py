@@ -8,10 +8,10 @@ cancellation when the client leaves, and mapping failures to JSON errors.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import partial
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Sequence
-from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
@@ -31,7 +31,9 @@ from navtwist.interfaces import IProviderProfile
 from navtwist.mock import MockAgent
 from navtwist.protocols import STREAMING_PROTOCOLS
 from navtwist.providers import get_provider
-from navtwist.exchange import Attempt, ChunkObserver, Deadlines, Exchange, RouteBusy
+from navtwist.exchange import Attempt, Deadlines, Exchange, RouteBusy
+from navtwist.hooks import InferenceRequest, run_request_hooks
+from navtwist.observe import MetricsListener, MetricsSink, Observation
 
 log = Logger(namespace="navtwist.router")
 
@@ -39,29 +41,16 @@ log = Logger(namespace="navtwist.router")
 # x-api-key, cookie, host, proxy-*, hop-by-hop) is dropped.
 FORWARDED_REQUEST_HEADERS = (b"content-type", b"accept", b"accept-encoding", b"user-agent")
 
-def upstream_url(endpoint: str, uri: bytes) -> bytes:
-    """The upstream URL for request-target C{uri} on a route's C{endpoint}.
-
-    An endpoint whose path ends in C{/v1} or starts with C{/v1/} already names
-    the API version, so the request's leading C{/v1} is dropped (OpenShell's
-    rule).  The query string is kept.
-    """
-    parts = urlsplit(endpoint)
-    endpoint_path = parts.path.rstrip("/")
-    base = f"{parts.scheme}://{parts.netloc}{endpoint_path}"
-    path, sep, query = uri.partition(b"?")
-    if (endpoint_path.endswith("/v1") or endpoint_path.startswith("/v1/")) and path.startswith(b"/v1/"):
-        path = path[len(b"/v1"):]
-    return base.encode("ascii") + path + sep + query
-
-
-def upstream_headers(client: Headers, provider: IProviderProfile, api_key: str) -> Headers:
-    """Request headers for the upstream: an allowlist, provider defaults, the route's key."""
+def upstream_headers(client: Headers, provider: IProviderProfile, api_key: str, extra: Headers | None = None) -> Headers:
+    """Request headers for the upstream: an allowlist, hooks' additions, provider
+    defaults, and last the route's key (which nothing can override)."""
     out = Headers()
     for name in (*FORWARDED_REQUEST_HEADERS, *sorted(provider.passthrough_headers)):
         values = client.getRawHeaders(name)
         if values:
             out.setRawHeaders(name, values)
+    for name, values in (extra.getAllRawHeaders() if extra is not None else ()):
+        out.setRawHeaders(name, values)
     for name, value in provider.default_headers:
         if not out.hasHeader(name):
             out.setRawHeaders(name, [value])
@@ -79,10 +68,13 @@ def parse_body(body: bytes | None) -> object:
 
 
 def body_for(body: bytes | None, document: object, model: str | None) -> bytes | None:
-    """The body to send upstream: a JSON object gets C{model}, other keys keep their order."""
-    if model is None or not isinstance(document, dict):
+    """The body to send upstream: a JSON object (as hooks left it) gets C{model};
+    other keys keep their order."""
+    if not isinstance(document, dict):
         return body
-    return json.dumps({**document, "model": model}, separators=(",", ":")).encode("utf-8")
+    if model is not None:
+        document = {**document, "model": model}
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 def client_model(document: object) -> str | None:
@@ -189,11 +181,20 @@ class RouteGate:
         self.active -= 1
 
 
+@dataclass
+class Extensions:
+    """What operators plugged in: request hooks, stream observers, metrics."""
+
+    hooks: Sequence[object] = ()
+    observers: Sequence[object] = ()
+    metrics: MetricsSink | None = None
+
+
 class InferenceRouter:
     """Chooses the candidate routes for each request and sends it there.
 
-    C{routes} may be replaced at any time (a config reload): requests already
-    under way keep the routes they started with.
+    C{routes} (and C{extensions}) may be replaced at any time, by a config
+    reload: requests already under way keep what they started with.
     """
 
     def __init__(
@@ -202,12 +203,12 @@ class InferenceRouter:
         clock: IReactorTime,
         clients: Callable[[Route], HTTPClient],
         write_stall_timeout: float,
-        observe: Callable[[str, bool], ChunkObserver] | None = None,
+        extensions: Extensions | None = None,
     ) -> None:
         self._clock = clock
         self._clients = clients
         self._write_stall_timeout = write_stall_timeout
-        self._observe = observe
+        self.extensions = extensions or Extensions()
         self._gates: dict[Route, RouteGate] = {}
         self.replace_routes(routes)
 
@@ -250,9 +251,15 @@ class InferenceRouter:
         return list(names)
 
     def forward(self, request: Request, protocol: str, routes: Sequence[Route], body: bytes | None, document: object) -> None:
-        """Send C{request} to the first of C{routes} that answers and relay its answer."""
-        requested = client_model(document)
-        streaming = isinstance(document, dict) and document.get("stream") is True
+        """Run the request hooks, then send C{request} to the first of C{routes}
+        that answers and relay its answer."""
+        extensions = self.extensions
+        info = InferenceRequest(protocol, routes[0].name, client_model(document), document)
+        refusal = run_request_hooks(extensions.hooks, info)
+        if refusal is not None:
+            errors.write_error(request, protocol, errors.refused_by_hook(refusal.status), refusal.message)
+            return
+        streaming = isinstance(info.document, dict) and info.document.get("stream") is True
 
         def fail(failure: Failure, timed_out: bool) -> str:
             kind = classify_failure(failure, timed_out)
@@ -261,40 +268,42 @@ class InferenceRouter:
             errors.write_error(request, protocol, kind)
             return kind.code
 
-        def attempt(route: Route) -> Attempt:
-            model = upstream_model(route, requested)
-            headers = upstream_headers(request.requestHeaders, get_provider(route.provider_type), route.api_key)
-            client = self._clients(route)
+        def observe(is_sse: bool) -> Observation:
+            return Observation(info, is_sse, self._clock.seconds, extensions.observers, extensions.metrics)
 
-            def send() -> Deferred:
-                return client.request(
-                    request.method.decode("ascii"),
-                    upstream_url(route.endpoint, request.uri),
-                    headers=headers,
-                    data=body_for(body, document, model),
-                    unbuffered=True,
-                    allow_redirects=False,
-                )
-
-            return Attempt(
-                send=send,
-                deadlines=Deadlines(route.first_byte_timeout, route.idle_timeout, self._write_stall_timeout,
-                                    route.total_timeout),
-                fields={"route": route.name, "upstream_model": model},
-                fallback_on=frozenset(route.fallback_on),
-                heartbeat=route.heartbeat,
-                gate=self._gates.get(route) or RouteGate(route.max_concurrent),
-            )
-
-        observe = self._observe
         exchange = Exchange(
             request,
             self._clock,
             fail,
             stream_error=partial(errors.stream_error_event, protocol),
             keep_length=protocol not in STREAMING_PROTOCOLS,
-            fields={"protocol": protocol, "client_model": requested},
+            fields={"protocol": protocol, "client_model": info.client_model},
             streaming=streaming,
-            observe=None if observe is None else partial(observe, protocol),
+            observe=observe,
+            listener=None if extensions.metrics is None else MetricsListener(extensions.metrics),
         )
-        exchange.start([attempt(route) for route in routes])
+        exchange.start([self._attempt(request, route, info, body) for route in routes])
+
+    def _attempt(self, request: Request, route: Route, info: InferenceRequest, body: bytes | None) -> Attempt:
+        """How to call C{route} for this request (the body is replayed per candidate)."""
+        model = upstream_model(route, info.client_model)
+        provider = get_provider(route.provider_type)
+        headers = upstream_headers(request.requestHeaders, provider, route.api_key, info.headers)
+        url = provider.url(route.endpoint, request.uri)
+        data = body_for(body, info.document, model)
+        client = self._clients(route)
+
+        def send() -> Deferred:
+            return client.request(
+                request.method.decode("ascii"), url, headers=headers, data=data, unbuffered=True, allow_redirects=False
+            )
+
+        return Attempt(
+            send=send,
+            deadlines=Deadlines(route.first_byte_timeout, route.idle_timeout, self._write_stall_timeout,
+                                route.total_timeout),
+            fields={"route": route.name, "upstream_model": model},
+            fallback_on=frozenset(route.fallback_on),
+            heartbeat=route.heartbeat,
+            gate=self._gates.get(route) or RouteGate(route.max_concurrent),
+        )

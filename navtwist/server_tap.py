@@ -20,7 +20,8 @@ from navtwist.intercept import InterceptSite
 from navtwist.exchange import Deadlines
 from navtwist.proxy import ProxyFactory
 from navtwist.reload import ConfigReloader
-from navtwist.router import InferenceRouter, UpstreamClients
+from navtwist.hooks import select
+from navtwist.router import Extensions, InferenceRouter, UpstreamClients
 
 log = Logger(namespace="navtwist")
 
@@ -66,6 +67,12 @@ class _UpstreamPoolService(service.Service):
         return self._clients.close()
 
 
+def extensions(config: Config) -> Extensions:
+    """The plugins C{config} enables (their names were checked when it was loaded)."""
+    hooks, observers = select(config.plugins)
+    return Extensions(hooks=hooks, observers=observers)
+
+
 def make_service(
     config: Config,
     reactor: IReactorTime,
@@ -84,7 +91,7 @@ def make_service(
         raise SystemExit(f"navtwist: {e}") from None
     timeouts = config.timeouts
     clients = UpstreamClients(reactor)
-    router = InferenceRouter(config.routes, reactor, clients.client_for, timeouts.write_stall)
+    router = InferenceRouter(config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config))
     site = InterceptSite(
         InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor, head_read=timeouts.head_read
     )
@@ -105,6 +112,7 @@ def make_service(
 
         def apply(new: Config) -> None:
             router.replace_routes(new.routes)
+            router.extensions = extensions(new)
             clients.retain(new.routes)
             egress.policy = new.policy
 

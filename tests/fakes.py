@@ -18,7 +18,7 @@ from zope.interface import implementer
 from navtwist.config import Limits, parse_config
 from navtwist.dispatch import InferenceDispatcher
 from navtwist.intercept import InterceptSite
-from navtwist.router import InferenceRouter, make_client
+from navtwist.router import Extensions, InferenceRouter, make_client
 
 
 class _Collect:
@@ -175,12 +175,14 @@ class Harness:
         return Harness(self.clock, self.agent, channel, transport, self.router)
 
 
-def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 1024) -> Harness:
+def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 1024,
+                 extensions: Extensions | None = None) -> Harness:
     """A real twisted.web channel on a StringTransport, serving the inference
     dispatcher with routes from C{config}; upstream calls go to a L{FakeAgent}."""
     clock = MemoryReactorClock()
     agent = FakeAgent()
-    router = InferenceRouter(parse_config(config, {}).routes, clock, lambda route: make_client(agent), write_stall)
+    router = InferenceRouter(parse_config(config, {}).routes, clock, lambda route: make_client(agent), write_stall,
+                             extensions)
     site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=max_body_bytes), 60, clock)
     channel = site.buildProtocol(None)
     transport = StringTransport()

@@ -11,14 +11,13 @@ from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from navtwist import errors
-from navtwist.providers import get_provider
+from navtwist.providers import get_provider, openshell_url
 from navtwist.relay import client_response_headers
 from navtwist.router import (
     body_for,
     classify_failure,
     parse_body,
     upstream_headers,
-    upstream_url,
 )
 
 
@@ -41,7 +40,8 @@ from navtwist.router import (
     ],
 )
 def test_upstream_url_follows_openshell_rules_and_keeps_query(endpoint: str, uri: bytes, expected: bytes) -> None:
-    assert upstream_url(endpoint, uri) == expected
+    assert openshell_url(endpoint, uri) == expected
+    assert get_provider("anthropic").url(endpoint, uri) == expected
 
 
 def _client_headers(**extra: str) -> Headers:

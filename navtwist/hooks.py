@@ -1,0 +1,104 @@
+"""Running operator plugins on the inference path, isolated from the proxy.
+
+Request hooks (L{IRequestHook}) see each request before it goes upstream and
+may change or refuse it; stream observers (L{IStreamObserver}) watch each
+relayed response.  A plugin that raises is logged and isolated: a failing
+hook answers its request with a 500, a failing observer is dropped for the
+rest of that response, and the process never dies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Iterable, Mapping, Sequence
+
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.web.http_headers import Headers
+
+from navtwist.interfaces import IRequestHook, IStreamObserver
+
+log = Logger(namespace="navtwist.hooks")
+
+
+@dataclass(eq=False)  # compared and hashed by identity: observers may key state on it
+class InferenceRequest:
+    """What request hooks see and may change, and what observers are told about."""
+
+    protocol: str
+    route: str
+    client_model: str | None
+    document: Any  # the parsed JSON body (mutable); None without a body
+    headers: Headers = field(default_factory=Headers)  # extra headers for the upstream
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A hook's answer instead of the upstream's: status and message for the client."""
+
+    status: int
+    message: str
+
+
+@cache
+def available() -> dict[str, object]:
+    """Every hook and observer plugin installed, by name."""
+    import navtwist.plugins
+
+    found: dict[str, object] = {}
+    for interface in (IRequestHook, IStreamObserver):
+        for plugin in getPlugins(interface, navtwist.plugins):
+            found[plugin.name] = plugin
+    return found
+
+
+def select(names: Iterable[str]) -> tuple[list[object], list[object]]:
+    """The enabled (hooks, observers), in config order.
+
+    @raise KeyError: naming the first unknown plugin.
+    """
+    plugins = [available()[name] for name in names]
+    return (
+        [p for p in plugins if IRequestHook.providedBy(p)],
+        [p for p in plugins if IStreamObserver.providedBy(p)],
+    )
+
+
+def run_request_hooks(hooks: Sequence[object], request: InferenceRequest) -> Refusal | None:
+    """Run C{hooks} in order; the first refusal (or failure) stops the request."""
+    for hook in hooks:
+        try:
+            result = hook.before_upstream(request)
+        except Exception:
+            log.failure("request hook {name} failed", name=getattr(hook, "name", repr(hook)))
+            return Refusal(500, "a request hook of the proxy failed")
+        if isinstance(result, Refusal):
+            log.info("request hook {name} refused a request: {status}", name=hook.name, status=result.status)
+            return result
+    return None
+
+
+class Watch:
+    """The stream observers of one response, each isolated from the others."""
+
+    def __init__(self, observers: Sequence[object], info: InferenceRequest) -> None:
+        self._observers = list(observers)
+        self._info = info
+
+    def _each(self, method: str, *args: object) -> None:
+        for observer in list(self._observers):
+            try:
+                getattr(observer, method)(self._info, *args)
+            except Exception:
+                log.failure("stream observer {name} failed; ignoring it for this response",
+                            name=getattr(observer, "name", repr(observer)))
+                self._observers.remove(observer)
+
+    def started(self) -> None:
+        self._each("response_started")
+
+    def chunk(self, data: bytes) -> None:
+        self._each("chunk", data)
+
+    def ended(self, record: Mapping[str, Any]) -> None:
+        self._each("response_ended", record)
