@@ -101,6 +101,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     policy: Policy = field(default_factory=Policy)
     plugins: tuple[str, ...] = ()  # request hooks and stream observers to enable, by name
+    drain_timeout: float = 30.0  # on SIGTERM, how long in-flight work may take to finish
+    admin_listen: str | None = None  # endpoint of /healthz, /readyz, /metrics; off when absent
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -113,7 +115,7 @@ _ROUTE_KEYS = (
     "name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type",
     "models", "passthrough_model", "fallback", "fallback_on", "heartbeat", "max_concurrent",
 ) + _ROUTE_TIMEOUTS
-_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins")
+_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins", "drain_timeout", "admin_listen")
 
 
 def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = True) -> Config:
@@ -137,6 +139,8 @@ def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = 
         timeouts=_section(top, "timeouts", Timeouts, _number),
         policy=_policy(top),
         plugins=_plugins(top),
+        drain_timeout=_number(top, "drain_timeout", "", defaults["drain_timeout"]),
+        admin_listen=_string(top, "admin_listen", "", None),
     )
 
 

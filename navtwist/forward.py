@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from navtwist.egress import Egress, EgressRefused
 from navtwist.intercept import raw_json_response
 from navtwist.policy import IPAddress
-from navtwist.exchange import Attempt, Deadlines, Exchange
+from navtwist.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 from navtwist.relay import HOP_BY_HOP
 from navtwist.router import BytesProducer
 
@@ -63,8 +63,16 @@ class ForwardResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, egress: Egress, agent: IAgent, clock: IReactorTime, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        egress: Egress,
+        agent: IAgent,
+        clock: IReactorTime,
+        deadlines: Deadlines,
+        listener: ExchangeListener | None = None,
+    ) -> None:
         super().__init__()
+        self._listener = listener
         self._egress = egress
         self._agent = agent
         self._clock = clock
@@ -101,6 +109,7 @@ class ForwardResource(Resource):
             stream_error=None,
             keep_length=True,
             fields={"forward": f"{target.hostname}:{port}"},
+            listener=self._listener,
         )
         # The first-byte deadline covers resolving and connecting too, and a
         # client that leaves cancels whichever step is under way.

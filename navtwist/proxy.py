@@ -29,6 +29,7 @@ from navtwist.config import Limits, Timeouts
 from navtwist.egress import Egress, EgressRefused
 from navtwist.head import BadHead, ProxyHead, parse_authority, parse_head
 from navtwist.intercept import raw_json_response
+from navtwist.metrics import Metrics
 from navtwist.tunnel import Splice, TunnelUpstreamFactory
 
 log = Logger(namespace="navtwist.proxy")
@@ -64,11 +65,15 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         factory = self._factory
+        if factory.draining:
+            self._refuse(503, "shutting_down", "proxy is shutting down")
+            return
         if factory.active >= factory.limits.max_connections:
             log.warn("connection refused: {active} connections open", active=factory.active)
             self._refuse(503, "too_many_connections", "proxy is at its connection limit")
             return
         factory.active += 1
+        factory.protocols.add(self)
         self._counted = True
         self._head_call = factory.clock.callLater(factory.timeouts.head_read, self._head_timed_out)
 
@@ -153,6 +158,7 @@ class ProxyProtocol(Protocol):
 
     def _tunnel_open(self, upstream: IProtocol, splice: Splice, rest: bytes) -> None:
         self._dialing = None
+        self._count_tunnel("allowed")
         log.info("tunnel open: {peer} → {upstream}", peer=str(self.transport.getPeer()),
                  upstream=str(upstream.transport.getPeer()))
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -169,7 +175,12 @@ class ProxyProtocol(Protocol):
         if not failure.check(EgressRefused):
             log.failure("tunnel setup failed for {label}", failure, label=label)
         log.info("{label} refused: {error}", label=label, error=refusal.error)
+        self._count_tunnel(refusal.error if refusal.error in ("policy_denied", "ssrf_denied") else "failed")
         self._refuse(refusal.status, refusal.error, refusal.detail)
+
+    def _count_tunnel(self, decision: str) -> None:
+        if self._factory.metrics is not None:
+            self._factory.metrics.tunnel_decision(decision)
 
     def readConnectionLost(self) -> None:
         """The client sent FIN: a tunnel passes it on; HTTP modes close."""
@@ -180,6 +191,12 @@ class ProxyProtocol(Protocol):
 
     def writeConnectionLost(self) -> None:
         pass
+
+    def busy(self) -> bool:
+        """Whether this connection carries work that a graceful stop should let finish."""
+        if self._splice is not None or self._dialing is not None:
+            return True
+        return bool(getattr(self._inner, "requests", None))
 
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)
@@ -206,11 +223,14 @@ class ProxyProtocol(Protocol):
         self._cancel(self._tls_call)
         if self._counted:
             self._factory.active -= 1
+            self._factory.protocols.discard(self)
             self._counted = False
         if self._dialing is not None:
             self._dialing.cancel()
         if self._splice is not None:
             self._splice.close()
+            if self._factory.metrics is not None:
+                self._factory.metrics.tunnel_bytes(self._splice.bytes_up, self._splice.bytes_down)
         if self._inner is not None:
             self._inner.connectionLost(reason)
 
@@ -234,8 +254,10 @@ class ProxyFactory(Factory):
         limits: Limits,
         timeouts: Timeouts,
         clock: IReactorTime,
+        metrics: Metrics | None = None,
     ) -> None:
         self.ca = ca
+        self.metrics = metrics
         self.site = site
         self.forward_site = forward_site
         self.egress = egress
@@ -243,6 +265,8 @@ class ProxyFactory(Factory):
         self.timeouts = timeouts
         self.clock = clock
         self.active = 0
+        self.draining = False
+        self.protocols: set[ProxyProtocol] = set()  # open client connections, for draining
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
         return ProxyProtocol(self)

@@ -10,13 +10,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent
 
+from navtwist.admin import make_admin_site
 from navtwist.ca import CAError, CertificateAuthority
 from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.dispatch import InferenceDispatcher
+from navtwist.drain import DrainService
 from navtwist.egress import Egress
 from navtwist.forward import ForwardResource
 from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
+from navtwist.metrics import Metrics
+from navtwist.observe import MetricsListener
 from navtwist.exchange import Deadlines
 from navtwist.proxy import ProxyFactory
 from navtwist.reload import ConfigReloader
@@ -67,10 +71,10 @@ class _UpstreamPoolService(service.Service):
         return self._clients.close()
 
 
-def extensions(config: Config) -> Extensions:
+def extensions(config: Config, metrics: Metrics) -> Extensions:
     """The plugins C{config} enables (their names were checked when it was loaded)."""
     hooks, observers = select(config.plugins)
-    return Extensions(hooks=hooks, observers=observers)
+    return Extensions(hooks=hooks, observers=observers, metrics=metrics)
 
 
 def make_service(
@@ -90,8 +94,11 @@ def make_service(
     except CAError as e:
         raise SystemExit(f"navtwist: {e}") from None
     timeouts = config.timeouts
+    metrics = Metrics(route.name for route in config.routes)
     clients = UpstreamClients(reactor)
-    router = InferenceRouter(config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config))
+    router = InferenceRouter(
+        config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
+    )
     site = InterceptSite(
         InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor, head_read=timeouts.head_read
     )
@@ -101,18 +108,32 @@ def make_service(
         Agent(reactor, connectTimeout=timeouts.connect, pool=clients.pool),
         reactor,
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
+        MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
-    factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor)
+    factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics)
 
     top = service.MultiService()
     strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
+    DrainService(factory, reactor, config.drain_timeout).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
+    if config.admin_listen is not None:
+
+        def readiness() -> dict[str, bool]:
+            return {
+                "config_loaded": True,
+                "listener_bound": factory.numPorts > 0 and not factory.draining,
+                "ca_ready": ca.cert_path.exists(),
+            }
+
+        admin = make_admin_site(metrics, readiness, reactor)
+        strports.service(config.admin_listen, admin, reactor=reactor).setServiceParent(top)
     if reload is not None:
 
         def apply(new: Config) -> None:
             router.replace_routes(new.routes)
-            router.extensions = extensions(new)
+            router.extensions = extensions(new, metrics)
+            metrics.set_routes(route.name for route in new.routes)
             clients.retain(new.routes)
             egress.policy = new.policy
 

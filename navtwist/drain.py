@@ -1,0 +1,58 @@
+"""Graceful stop: let in-flight requests, streams and tunnels finish, within a deadline.
+
+On SIGTERM twistd stops the services: the listener stops accepting, idle
+connections are closed at once (and connections that become idle while
+draining, as soon as they do), and the stop waits until nothing is busy or
+C{timeout} seconds have passed, then aborts what is left.
+"""
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from navtwist.proxy import ProxyFactory
+
+log = Logger(namespace="navtwist.drain")
+
+POLL_INTERVAL = 0.1
+
+
+class DrainService(service.Service):
+    """Delays the end of twistd's shutdown until the proxy has drained."""
+
+    def __init__(self, factory: ProxyFactory, clock: IReactorTime, timeout: float) -> None:
+        self._factory = factory
+        self._clock = clock
+        self._timeout = timeout
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._factory.draining = True
+        busy = sum(1 for p in self._factory.protocols if p.busy())
+        log.info("draining: {busy} busy connections, up to {timeout:g} s", busy=busy, timeout=self._timeout)
+        deadline = self._clock.seconds() + self._timeout
+        self._done: Deferred[None] = Deferred()
+        self._loop = LoopingCall(self._tick, deadline)
+        self._loop.clock = self._clock
+        self._loop.start(POLL_INTERVAL, now=True)
+        return self._done
+
+    def _tick(self, deadline: float) -> None:
+        protocols = list(self._factory.protocols)
+        for protocol in protocols:
+            if not protocol.busy():
+                protocol.transport.loseConnection()
+        still_busy = [p for p in protocols if p.busy()]
+        if still_busy and self._clock.seconds() < deadline:
+            return
+        if still_busy:
+            log.warn("drain timeout: closing {n} busy connections", n=len(still_busy))
+            for protocol in still_busy:
+                protocol.transport.abortConnection()
+        else:
+            log.info("drained")
+        self._loop.stop()
+        self._done.callback(None)
