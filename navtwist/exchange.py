@@ -19,11 +19,39 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from navtwist.relay import CLIENT_GONE, TIMEOUT, UPSTREAM_ERROR, ResponseRelay, client_response_headers
+from navtwist.relay import (
+    CLIENT_GONE,
+    CLIENT_STALLED,
+    OK,
+    TIMEOUT,
+    UPSTREAM_ERROR,
+    UPSTREAM_IDLE,
+    ResponseRelay,
+    client_response_headers,
+)
 
 log = Logger(namespace="navtwist.exchange")
 
 HEARTBEAT_COMMENT = b": keep-alive\n\n"
+
+REJECTED = "rejected"
+# The request log's outcome is one of a few classes; the detail says which case.
+_OUTCOME_CLASSES = {
+    CLIENT_STALLED: CLIENT_GONE,
+    UPSTREAM_IDLE: TIMEOUT,
+    "upstream_timeout": TIMEOUT,
+    "route_busy": REJECTED,
+    "policy_denied": REJECTED,
+    "ssrf_denied": REJECTED,
+    "bad_request": REJECTED,
+}
+
+
+def outcome_class(detail: str) -> str:
+    """ok, client_gone, timeout, rejected or upstream_error."""
+    if detail in (OK, CLIENT_GONE, TIMEOUT):
+        return detail
+    return _OUTCOME_CLASSES.get(detail, UPSTREAM_ERROR)
 
 
 class RouteBusy(Exception):
@@ -331,7 +359,8 @@ class Exchange:
             **(self._current.fields if self._current is not None else {}),
             "candidates_tried": self._tried,
             "status": self._status if self._status is not None else self._request.code,
-            "outcome": outcome,
+            "outcome": outcome_class(outcome),
+            "detail": outcome,
             "headers_ms": _ms(self._started, self._headers_at),
             "duration_ms": _ms(self._started, now),
             "bytes": 0 if self._relay is None else self._relay.bytes_relayed,

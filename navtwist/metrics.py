@@ -38,7 +38,7 @@ STATUS_CODES = frozenset({200, 400, 401, 403, 404, 408, 413, 429, 431, 500, 502,
 OUTCOMES = frozenset(
     {
         # how a relayed body ended
-        OK, CLIENT_GONE, CLIENT_STALLED, UPSTREAM_ERROR, UPSTREAM_IDLE, TIMEOUT,
+        OK, CLIENT_GONE, CLIENT_STALLED, UPSTREAM_ERROR, UPSTREAM_IDLE, TIMEOUT, "rejected",
         # why no candidate answered an inference request
         *(kind.code for kind in (errors.ROUTE_BUSY, errors.UPSTREAM_UNAVAILABLE, errors.UPSTREAM_TIMEOUT,
                                  errors.UPSTREAM_PROTOCOL)),

@@ -9,8 +9,11 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError, Timeo
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
+from twisted.logger import globalLogPublisher
+
 from fakes import FakeResponse, Harness, make_harness
 from navtwist.config import parse_config
+from navtwist.exchange import outcome_class
 
 
 def _route(name: str, host: str, **extra: object) -> dict:
@@ -246,3 +249,42 @@ def test_reload_takes_new_routes_for_new_requests_only(h: Harness) -> None:
     assert h.output().endswith(b"data: still here\n\n\r\n0\r\n\r\n")
     h.send("POST", "/v1/chat/completions", chat(None))
     assert hosts(h) == ["e.test", "z.test"]
+
+
+@pytest.mark.parametrize("detail, outcome", [
+    ("ok", "ok"), ("client_gone", "client_gone"), ("client_stalled", "client_gone"),
+    ("upstream_idle_timeout", "timeout"), ("timeout", "timeout"), ("upstream_timeout", "timeout"),
+    ("upstream_error", "upstream_error"), ("upstream_unavailable", "upstream_error"), ("route_busy", "rejected"),
+])
+def test_outcomes_are_classified(detail: str, outcome: str) -> None:
+    assert outcome_class(detail) == outcome
+
+
+def test_one_request_record_with_usage_and_latency(h: Harness) -> None:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.send("POST", "/v1/chat/completions", chat("gpt-fast"))
+        h.agent.calls[0].deferred.errback(Failure(ConnectionRefusedError()))
+        h.clock.advance(0.25)
+        response = FakeResponse()
+        h.agent.calls[1].deferred.callback(response)
+        h.clock.advance(0.5)
+        response.send(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n')
+        h.clock.advance(0.25)
+        response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+        response.send(b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22}}\n\ndata: [DONE]\n\n')
+        h.clock.advance(1)
+        response.end()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [record] = [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
+    assert {k: record[k] for k in ("protocol", "client_model", "route", "upstream_model", "candidates_tried",
+                                   "status", "outcome", "headers_ms", "ttft_ms", "duration_ms",
+                                   "input_tokens", "output_tokens")} == {
+        "protocol": "openai_chat_completions", "client_model": "gpt-fast", "route": "fast",
+        "upstream_model": "b.test-model", "candidates_tried": 2, "status": 200, "outcome": "ok",
+        "headers_ms": 250.0, "ttft_ms": 1000.0, "duration_ms": 2000.0, "input_tokens": 11, "output_tokens": 22,
+    }
+    assert record["bytes"] > 0
+    assert "key-" not in repr(record) and "Hi" not in repr(record)
