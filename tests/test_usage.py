@@ -17,16 +17,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 import navtwist.usage
 from navtwist.mock import CANNED_TOKENS, MockAgent
+from navtwist.router import BytesProducer
 from navtwist.protocols import (
     ANTHROPIC_MESSAGES,
     MODEL_DISCOVERY,
@@ -58,28 +56,6 @@ MOCK_USAGE = (3, len(CANNED_TOKENS))
 # --- driving the mock backend -----------------------------------------------
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """A request body written at once, so the mock answers synchronously."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _Feeder(Protocol):
     """Feeds each body chunk to a meter as it arrives, recording chunks and their times."""
 
@@ -107,7 +83,7 @@ def run_mock(
     clock.advance(100)
     responses: list[IResponse] = []
     MockAgent(clock, INTERVAL).request(
-        b"POST", b"mock://" + path, None, _Body(json.dumps(body).encode())
+        b"POST", b"mock://" + path, None, BytesProducer(json.dumps(body).encode())
     ).addCallback(responses.append)
     [response] = responses
     assert response.code == 200
