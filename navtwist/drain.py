@@ -7,6 +7,8 @@ C{timeout} seconds have passed, then aborts what is left.
 """
 from __future__ import annotations
 
+import signal
+
 from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -23,10 +25,22 @@ POLL_INTERVAL = 0.1
 class DrainService(service.Service):
     """Delays the end of twistd's shutdown until the proxy has drained."""
 
-    def __init__(self, factory: ProxyFactory, clock: IReactorTime, timeout: float) -> None:
+    def __init__(self, factory: ProxyFactory, clock: IReactorTime, timeout: float, handle_sigterm: bool = False) -> None:
         self._factory = factory
         self._clock = clock
         self._timeout = timeout
+        self._handle_sigterm = handle_sigterm
+
+    def startService(self) -> None:
+        super().startService()
+        if self._handle_sigterm:
+            # The reactor's own handler (installed once it runs) marks the
+            # stop as "killed by SIGTERM"; a drained stop on request is a
+            # normal exit, so ours replaces it.
+            self._clock.callWhenRunning(signal.signal, signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self._clock.callFromThread(self._clock.stop)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -98,7 +98,7 @@ def _foreground(twistd_options: Any) -> bool:
 
 def _rotate_on_sigusr1(log_file: LogFile) -> None:
     """What twistd does for its own log file, unless SIGUSR1 is already handled."""
-    if signal.getsignal(signal.SIGUSR1) not in (None, signal.SIG_DFL):
+    if not hasattr(signal, "SIGUSR1") or signal.getsignal(signal.SIGUSR1) not in (None, signal.SIG_DFL):
         return
 
     def rotate(signum: int, frame: object) -> None:

@@ -19,6 +19,7 @@ from navtwist.egress import Egress
 from navtwist.forward import ForwardResource
 from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
+from navtwist.logs import twistd_service
 from navtwist.metrics import Metrics
 from navtwist.observe import MetricsListener
 from navtwist.exchange import Deadlines
@@ -83,11 +84,14 @@ def make_service(
     reload: Callable[[], Config] | None = None,
     config_path: str | None = None,
     watch_interval: float | None = None,
+    exit_zero_on_sigterm: bool = False,
 ) -> service.MultiService:
     """The proxy as a MultiService listening on C{config.listen}.
 
     With C{reload}, SIGHUP (and C{watch_interval} polling of C{config_path})
-    re-reads the config through it.
+    re-reads the config through it.  With C{exit_zero_on_sigterm}, SIGTERM
+    drains and stops the reactor as a normal stop (twistd would otherwise
+    re-raise the signal and exit 143).
     """
     try:
         ca = CertificateAuthority.load_or_create(config.ca_dir)
@@ -115,7 +119,7 @@ def make_service(
 
     top = service.MultiService()
     strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
-    DrainService(factory, reactor, config.drain_timeout).setServiceParent(top)
+    DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     if config.admin_listen is not None:
 
@@ -152,10 +156,13 @@ def make_service(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    return make_service(
+    top = make_service(
         options["navtwist-config"],
         reactor,
         reload=options.load,
         config_path=options["config"],
         watch_interval=options["watch-interval"] if options["watch"] else None,
+        exit_zero_on_sigterm=True,
     )
+    # twistd's own options (--logfile, --nodaemon) pick the log observer.
+    return twistd_service(top, options.parent)
