@@ -27,3 +27,33 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+
+# --- benchmarks (bench/; not part of `make test`) ------------------------------------
+# Two venvs: mitmproxy 11 pins pyOpenSSL<=24.3, while Twisted[tls] 26 needs pyOpenSSL>=25.3;
+# one venv would run navtwist on an older Twisted than `make run` does.
+BENCH_VENV ?= bench/.venv
+BENCH_MITM_VENV ?= bench/.venv-mitm
+MITMPROXY ?= mitmproxy==11.0.2
+BENCH_ARGS ?=
+SOAK_SECONDS ?= 600
+# 1,000 streams need ~3,000 descriptors in the proxy: raise the soft limit as far as allowed.
+BENCH_ULIMIT := ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn);
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . --config-settings editable_mode=compat matplotlib py-spy
+	touch $@
+
+$(BENCH_MITM_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_MITM_VENV)
+	$(BENCH_MITM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_MITM_VENV)/bin/python -m pip install --quiet '$(MITMPROXY)'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed $(BENCH_MITM_VENV)/.installed
+	$(BENCH_ULIMIT) $(BENCH_VENV)/bin/python -m bench.runner $(BENCH_ARGS)
+
+.PHONY: soak
+soak: $(BENCH_VENV)/.installed
+	$(BENCH_ULIMIT) SOAK_SECONDS=$(SOAK_SECONDS) $(BENCH_VENV)/bin/python -m bench.soak

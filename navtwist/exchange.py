@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -177,7 +177,6 @@ class Exchange:
         self._timed_out = False
         self._client_left = False
         self._committed = False  # a byte has gone to the client: no more fallback
-        self._busy = False
         self._relay: ResponseRelay | None = None
         self._observer: ChunkObserver | None = None
         self._status: int | None = None
@@ -201,13 +200,12 @@ class Exchange:
         while self._attempts and not self._client_left:
             attempt = self._attempts.pop(0)
             if not attempt.gate.try_acquire():
-                self._busy = True
                 continue
             self._current = attempt
             self._tried += 1
             self._timed_out = False
             self._first_byte_call = self._clock.callLater(attempt.deadlines.first_byte, self._first_byte_timeout)
-            self._pending = pending = attempt.send()
+            self._pending = pending = maybeDeferred(attempt.send)
             pending.addCallbacks(self._got_response, self._failed, (attempt,), None, (attempt,))
             return
         if self._client_left:
