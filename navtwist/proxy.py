@@ -151,10 +151,10 @@ class ProxyProtocol(Protocol):
         self.transport.pauseProducing()
         splice = Splice(self.transport, factory.clock, factory.timeouts.write_stall)
         label = f"CONNECT {host}:{port}"
-        dialing = factory.egress.destination(host, port, label)
+        # Set before the callbacks: a refusal may fire them at once.
+        self._dialing = dialing = factory.egress.destination(host, port, label)
         dialing.addCallback(factory.egress.connect, port, TunnelUpstreamFactory(splice))
         dialing.addCallbacks(self._tunnel_open, self._tunnel_refused, (splice, rest), None, (label,))
-        self._dialing = dialing
 
     def _tunnel_open(self, upstream: IProtocol, splice: Splice, rest: bytes) -> None:
         self._dialing = None

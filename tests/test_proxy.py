@@ -231,3 +231,10 @@ def test_unreachable_destination_is_502_json(factory: ProxyFactory, clock: Memor
     protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
     clock.tcpClients[0][2].clientConnectionFailed(clock.connectors[0], Failure(ConnectionRefusedError()))
     assert _refusal(transport) == (502, {"error": "upstream_unreachable", "detail": "cannot connect to the destination"})
+
+
+def test_refused_connect_leaves_nothing_busy(factory: ProxyFactory) -> None:
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(b"CONNECT denied.example:443 HTTP/1.1\r\n\r\n")
+    assert _refusal(transport)[0] == 403
+    assert not protocol.busy()
