@@ -81,7 +81,7 @@ class Egress:
         try:
             name = normalize_host(host)
         except ValueError as e:
-            return fail(EgressRefused(400, "bad_request", f"invalid host: {e}"))
+            return fail(EgressRefused(400, "bad_request", str(e)))
         if not self.policy.allows(name, port):
             return fail(EgressRefused(403, "policy_denied", f"{label} not permitted by policy"))
         literal = parse_ip(name)

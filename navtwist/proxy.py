@@ -101,7 +101,15 @@ class ProxyProtocol(Protocol):
         self._cancel(self._head_call)
         self._head_call = None
         try:
-            self._handle(parse_head(head), head, rest)
+            parsed = parse_head(head)
+        except BadHead as e:
+            self._refuse(400, "bad_request", str(e))
+            return
+        if len(parsed.headers) > self._factory.limits.max_headers:
+            self._refuse(431, "headers_too_large", "request head has too many header fields")
+            return
+        try:
+            self._handle(parsed, head, rest)
         except BadHead as e:
             self._refuse(400, "bad_request", str(e))
 

@@ -238,3 +238,12 @@ def test_refused_connect_leaves_nothing_busy(factory: ProxyFactory) -> None:
     protocol.dataReceived(b"CONNECT denied.example:443 HTTP/1.1\r\n\r\n")
     assert _refusal(transport)[0] == 403
     assert not protocol.busy()
+
+
+def test_too_many_header_fields_in_the_first_head_is_431(clock: MemoryReactorClock, site: RecordingSite) -> None:
+    egress = Egress(clock, clock, FakeResolver({}), Policy.parse([]), connect_timeout=4)
+    factory = ProxyFactory(FakeCA(), site, site, egress, Limits(max_headers=3), Timeouts(), clock)
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n")
+    assert _refusal(transport) == (431, {"error": "headers_too_large",
+                                         "detail": "request head has too many header fields"})
