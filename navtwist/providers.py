@@ -56,10 +56,14 @@ class ProviderProfile:
 
 @cache
 def providers() -> dict[str, IProviderProfile]:
-    """Every provider profile installed in the plugin package, by name."""
+    """Every provider profile, by name: the built-in ones always, plus what the
+    plugin package holds (a broken or stale plugin cache cannot hide the built-ins)."""
     import navtwist.plugins
+    from navtwist.plugins import builtin_providers
 
-    return {profile.name: profile for profile in getPlugins(IProviderProfile, navtwist.plugins)}
+    found = {p.name: p for p in vars(builtin_providers).values() if IProviderProfile.providedBy(p)}
+    found.update((profile.name, profile) for profile in getPlugins(IProviderProfile, navtwist.plugins))
+    return found
 
 
 def get_provider(name: str | None) -> IProviderProfile:
