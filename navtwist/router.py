@@ -31,6 +31,7 @@ from navtwist.interfaces import IProviderProfile
 from navtwist.mock import MockAgent
 from navtwist.protocols import STREAMING_PROTOCOLS
 from navtwist.providers import get_provider
+from navtwist.endpoints import UpstreamEndpoints
 from navtwist.exchange import Attempt, Deadlines, Exchange, RouteBusy
 from navtwist.hooks import InferenceRequest, run_request_hooks
 from navtwist.observe import MetricsListener, MetricsSink, Observation
@@ -131,7 +132,7 @@ class UpstreamClients:
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 32
+        self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
         self.pool.retryAutomatically = False
         self._clients: dict[Route, HTTPClient] = {}
 
@@ -141,7 +142,8 @@ class UpstreamClients:
             if route.is_mock:
                 agent = MockAgent(self._reactor)
             else:
-                agent = Agent(self._reactor, connectTimeout=route.connect_timeout, pool=self.pool)
+                endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout)
+                agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self.pool)
             client = self._clients[route] = make_client(agent)
         return client
 

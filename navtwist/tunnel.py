@@ -22,7 +22,10 @@ class _StallWatch:
     """Registered on one side in place of the other side's transport.
 
     It passes pause/resume on, and notices when a pause lasts too long: the
-    writer it protects has been unable to drain for C{timeout} seconds.
+    writer it protects has been unable to drain for C{timeout} seconds.  A
+    busy tunnel pauses and resumes every few hundred kilobytes, so the timer
+    is not rescheduled on each pause: one pending check looks at how long the
+    current pause has lasted, and re-arms itself only while paused.
     """
 
     def __init__(self, reader: ITransport, clock: IReactorTime, timeout: float, stalled: Callable[[], None]) -> None:
@@ -31,14 +34,16 @@ class _StallWatch:
         self._timeout = timeout
         self._stalled = stalled
         self._call: IDelayedCall | None = None
+        self._paused_at: float | None = None
 
     def pauseProducing(self) -> None:
+        self._paused_at = self._clock.seconds()
         if self._call is None:
-            self._call = self._clock.callLater(self._timeout, self._fire)
+            self._call = self._clock.callLater(self._timeout, self._check)
         self._reader.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.cancel()
+        self._paused_at = None
         self._reader.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -49,10 +54,17 @@ class _StallWatch:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self._paused_at = None
 
-    def _fire(self) -> None:
+    def _check(self) -> None:
         self._call = None
-        self._stalled()
+        if self._paused_at is None:
+            return
+        waited = self._clock.seconds() - self._paused_at
+        if waited >= self._timeout:
+            self._stalled()
+        else:
+            self._call = self._clock.callLater(self._timeout - waited, self._check)
 
 
 class Splice:
