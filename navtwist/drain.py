@@ -47,26 +47,37 @@ class DrainService(service.Service):
         self._factory.draining = True
         busy = sum(1 for p in self._factory.protocols if p.busy())
         log.info("draining: {busy} busy connections, up to {timeout:g} s", busy=busy, timeout=self._timeout)
-        deadline = self._clock.seconds() + self._timeout
+        self._deadline = self._clock.seconds() + self._timeout
+        self._aborted = False
         self._done: Deferred[None] = Deferred()
-        self._loop = LoopingCall(self._tick, deadline)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
         self._loop.start(POLL_INTERVAL, now=True)
         return self._done
 
-    def _tick(self, deadline: float) -> None:
+    def _tick(self) -> None:
+        """Close what is idle; finish once every connection is gone.
+
+        An idle connection is closed with loseConnection, which first sends
+        what its transport still buffers (the tail of a response a slow
+        client has not read yet), so the drain waits for the connection to
+        be gone, not merely idle.  At the deadline the rest is aborted, and
+        the stop completes on a later tick, once those connections have been
+        torn down (so each request is logged as cut by the proxy, not by its
+        upstream, which the reactor's shutdown would otherwise close first).
+        """
         protocols = list(self._factory.protocols)
-        for protocol in protocols:
-            if not protocol.busy():
-                protocol.transport.loseConnection()
-        still_busy = [p for p in protocols if p.busy()]
-        if still_busy and self._clock.seconds() < deadline:
+        if not protocols or (self._aborted and self._clock.seconds() >= self._deadline + 1):
+            log.info("drained" if not protocols else "drain: giving up on {n} connections", n=len(protocols))
+            self._loop.stop()
+            self._done.callback(None)
             return
-        if still_busy:
-            log.warn("drain timeout: closing {n} busy connections", n=len(still_busy))
-            for protocol in still_busy:
+        if self._clock.seconds() < self._deadline:
+            for protocol in protocols:
+                if not protocol.busy() and not protocol.transport.disconnecting:
+                    protocol.transport.loseConnection()
+        elif not self._aborted:
+            self._aborted = True
+            log.warn("drain timeout: closing {n} busy connections", n=len(protocols))
+            for protocol in protocols:
                 protocol.transport.abortConnection()
-        else:
-            log.info("drained")
-        self._loop.stop()
-        self._done.callback(None)

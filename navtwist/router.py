@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.server import Request
@@ -126,6 +126,12 @@ def make_client(agent: IAgent) -> HTTPClient:
     )
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a "Starting factory" log line per connection."""
+
+    noisy = False
+
+
 class UpstreamClients:
     """One treq client per route; real routes (and forwarded requests) share one connection pool."""
 
@@ -134,6 +140,7 @@ class UpstreamClients:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
         self.pool.retryAutomatically = False
+        self.pool._factory = _QuietClientFactory  # the documented hook for the pool's factory
         self._clients: dict[Route, HTTPClient] = {}
 
     def client_for(self, route: Route) -> HTTPClient:
