@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from upstream import read_request_body
+
 TIMEOUT = 10.0  # every socket operation here is bounded by this
 KiB = 1024
 MiB = 1024 * KiB
@@ -310,15 +312,7 @@ class _WebHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_GET
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            parts = []
-            while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b""):
-                pass
-            return b"".join(parts)
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
+        return read_request_body(self)
 
 
 class _WebServer(ThreadingHTTPServer):

@@ -53,6 +53,19 @@ def routes_config(base_url: str, **route_options: Any) -> dict[str, Any]:
     }
 
 
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The request body a stdlib handler is about to read, chunked or by length."""
+    if "chunked" in handler.headers.get("transfer-encoding", "").lower():
+        parts = []
+        while size := int(handler.rfile.readline().split(b";")[0].strip(), 16):
+            parts.append(handler.rfile.read(size))
+            handler.rfile.readline()
+        while handler.rfile.readline() not in (b"\r\n", b""):
+            pass
+        return b"".join(parts)
+    return handler.rfile.read(int(handler.headers.get("content-length") or 0))
+
+
 class PeerClosed(Exception):
     """The proxy closed (or reset) the connection while we were answering."""
 
@@ -328,15 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_GET
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            parts = []
-            while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b""):
-                pass
-            return b"".join(parts)
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
+        return read_request_body(self)
 
     def _serve(self) -> None:
         headers: dict[str, str] = {}
