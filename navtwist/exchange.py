@@ -352,6 +352,12 @@ class Exchange:
         self._stop_heartbeat()
         self._cancel(self._total_call)
         now = self._clock.seconds()
+        summary = self._observer.summary() if self._observer is not None else {}
+        if outcome == CLIENT_GONE and summary.pop("complete", False):
+            # SDKs close as soon as they see the final event, sometimes before
+            # the chunked terminator reached them: nothing was lost.
+            outcome = OK
+        summary.pop("complete", None)
         record: dict[str, Any] = {
             **self._fields,
             **(self._current.fields if self._current is not None else {}),
@@ -363,10 +369,8 @@ class Exchange:
             "duration_ms": _ms(self._started, now),
             "bytes": 0 if self._relay is None else self._relay.bytes_relayed,
         }
-        if self._observer is not None:
-            summary = self._observer.summary()
-            first_token_at = summary.pop("first_token_at", None)
-            record["ttft_ms"] = _ms(self._started, first_token_at)
+        if summary:
+            record["ttft_ms"] = _ms(self._started, summary.pop("first_token_at", None))
             record.update(summary)
         self.record = record
         log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), **record)

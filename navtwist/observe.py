@@ -94,6 +94,7 @@ class Observation:
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "first_token_at": usage.first_token_at,
+            "complete": usage.complete,
         }
 
     def ended(self, record: dict[str, Any]) -> None:

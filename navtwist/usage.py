@@ -33,6 +33,7 @@ class Usage:
     first_token_at: float | None = None  # clock time of the first content event
     events: int = 0  # SSE events dispatched (blocks that carry a data field)
     oversized_events: int = 0  # events longer than the cap, skipped unread
+    complete: bool = False  # the stream's final event went through
 
 
 _Document = dict[str, Any]
@@ -165,6 +166,15 @@ _STREAM_READERS: dict[str, tuple[bytes, Callable[[_Document], _Reading]]] = {
 }
 
 
+# Per streaming protocol: how its final event can be told, by a cheap byte test.
+_FINAL_EVENTS: dict[str, Callable[[bytes], bool]] = {
+    OPENAI_CHAT_COMPLETIONS: lambda data: data.strip() == b"[DONE]",
+    OPENAI_COMPLETIONS: lambda data: data.strip() == b"[DONE]",
+    OPENAI_RESPONSES: lambda data: b'"response.completed"' in data,
+    ANTHROPIC_MESSAGES: lambda data: b'"message_stop"' in data,
+}
+
+
 def _event_data(block: bytes | bytearray) -> bytes | None:
     """The data field of one event block (lines joined with LF), or None if it has none.
 
@@ -204,6 +214,7 @@ class UsageMeter:
         self._skipping = False  # inside an oversized event, discarding up to its end
         self._lf_pending = False  # the last boundary ended in a CR that may be half a CRLF
         self._stream_reader = _STREAM_READERS.get(protocol)
+        self._is_final = _FINAL_EVENTS.get(protocol)
         self._body_reader = _BODY_READERS.get(protocol, _openai_body)
         self._streaming = streaming
 
@@ -272,6 +283,8 @@ class UsageMeter:
             return
         usage = self._usage
         usage.events += 1
+        if self._is_final is not None and self._is_final(data):
+            usage.complete = True
         if self._stream_reader is None:
             return
         content_marker, read = self._stream_reader

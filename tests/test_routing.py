@@ -288,3 +288,19 @@ def test_one_request_record_with_usage_and_latency(h: Harness) -> None:
     }
     assert record["bytes"] > 0
     assert "key-" not in repr(record) and "Hi" not in repr(record)
+
+
+@pytest.mark.parametrize("tail, outcome", [(b"data: [DONE]\n\n", "ok"), (b"", "client_gone")])
+def test_a_client_leaving_after_the_final_event_lost_nothing(h: Harness, tail: bytes, outcome: str) -> None:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.send("POST", "/v1/chat/completions", chat(None))
+        response = FakeResponse()
+        h.agent.calls[0].deferred.callback(response)
+        response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n' + tail)
+        h.disconnect()  # as SDKs do when they see [DONE], before the chunked terminator
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [record] = [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
+    assert record["outcome"] == outcome

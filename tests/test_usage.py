@@ -216,7 +216,8 @@ TRICKY = b"".join(
         sse({"type": "message_stop"}, "message_stop", b"\r"),
     ]
 )
-TRICKY_USAGE = Usage(input_tokens=115, output_tokens=9, first_token_at=1.0, events=7, oversized_events=1)
+TRICKY_USAGE = Usage(input_tokens=115, output_tokens=9, first_token_at=1.0, events=7, oversized_events=1,
+                     complete=True)
 
 
 def test_every_rechunking_of_the_tricky_stream_gives_the_same_usage() -> None:
@@ -497,3 +498,18 @@ def test_benchmark_chat_stream(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nUsageMeter: {per_event:.2f} µs per event (200-event chat stream);"
               f" one json.loads of a chunk: {loads:.2f} µs")
+
+
+@pytest.mark.parametrize("protocol, final", [
+    (OPENAI_CHAT_COMPLETIONS, b"data: [DONE]\n\n"),
+    (OPENAI_COMPLETIONS, b"data: [DONE]\n\n"),
+    (OPENAI_RESPONSES, b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'),
+    (ANTHROPIC_MESSAGES, b'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
+])
+def test_the_final_event_marks_the_stream_complete(protocol: str, final: bytes) -> None:
+    meter = navtwist.usage.UsageMeter(protocol, True, lambda: 0.0)
+    meter.feed(b'data: {"x": 1}\n\n')
+    assert not meter.finish().complete
+    meter = navtwist.usage.UsageMeter(protocol, True, lambda: 0.0)
+    meter.feed(b'data: {"x": 1}\n\n' + final)
+    assert meter.finish().complete
