@@ -59,6 +59,8 @@ class Proxy:
     ca_path: Path
     process: subprocess.Popen
     log_path: Path
+    config_path: Path
+    base: dict[str, Any]  # listen, ca_dir and drain_timeout, kept when the config is rewritten
 
     @property
     def pid(self) -> int:
@@ -70,6 +72,13 @@ class Proxy:
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        """Replace the config file (for reloads): a dict (base kept) or raw text."""
+        text = config if isinstance(config, str) else yaml.safe_dump({**self.base, **config})
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.config_path)  # atomically, as editors and config managers do
 
     def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
         """Wait until the log contains C{text}; returns the log."""
@@ -120,43 +129,63 @@ def _stop(proxy: Proxy) -> None:
         raise AssertionError(f"twistd exited with {proxy.process.returncode}:\n{proxy.log_text()}")
 
 
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Proxy]]:
-    """Factory: start twistd with a config dict (listen and ca_dir are filled in)."""
-    started: list[Proxy] = []
+class ProxyStarter:
+    """Starts C{twistd -n navtwist} processes in one directory and, at the end,
+    stops them and checks that each shut down cleanly and logged no error."""
 
-    def start(config: dict[str, Any]) -> Proxy:
-        n = len(started)
-        port = _free_port()
-        # A short drain keeps teardown quick when a test leaves a stream in flight.
-        config = {"listen": f"tcp:{port}:interface=127.0.0.1", "ca_dir": str(tmp_path / f"ca{n}"),
-                  "drain_timeout": 2, **config}
-        config_path = tmp_path / f"navtwist{n}.yaml"
-        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        log_path = tmp_path / f"twistd{n}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        proxy = Proxy(port, Path(config["ca_dir"]) / "ca.pem", process, log_path)
-        started.append(proxy)
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self.started: list[Proxy] = []
+
+    def __call__(self, config: dict[str, Any], args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Proxy:
+        """Start one with C{config} (listen, ca_dir and a short drain filled in),
+        C{args} after C{--config PATH} and C{env} added to the environment."""
+        proxy = spawn_proxy(config, self._directory, len(self.started), args, env)
+        self.started.append(proxy)
         _wait_listening(proxy, time.monotonic() + TIMEOUT)
         return proxy
 
-    yield start
+    def close(self) -> None:
+        problems = []
+        for proxy in self.started:
+            for check in (_stop, assert_log_clean):
+                try:
+                    check(proxy)
+                except AssertionError as e:
+                    problems.append(str(e))
+        assert not problems, "\n\n".join(problems)
 
-    problems = []
-    for proxy in started:
-        try:
-            _stop(proxy)
-        except AssertionError as e:
-            problems.append(str(e))
-        log = proxy.log_text()
-        if "Traceback" in log or "Unhandled Error" in log:
-            problems.append(f"twistd logged an error:\n{log}")
-    assert not problems, "\n\n".join(problems)
+
+def spawn_proxy(config: dict[str, Any], directory: Path, index: int, args: tuple[str, ...] = (),
+                env: dict[str, str] | None = None) -> Proxy:
+    """Start C{twistd -n navtwist} with C{config}; does not wait for it to listen."""
+    port = _free_port()
+    # A short drain keeps teardown quick when a test leaves a stream in flight.
+    base = {"listen": f"tcp:{port}:interface=127.0.0.1", "ca_dir": str(directory / f"ca{index}"), "drain_timeout": 2}
+    config_path = directory / f"navtwist{index}.yaml"
+    config_path.write_text(yaml.safe_dump({**base, **config}), encoding="utf-8")
+    log_path = directory / f"twistd{index}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path), *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    ca_dir = Path(config.get("ca_dir", base["ca_dir"]))
+    return Proxy(port, ca_dir / "ca.pem", process, log_path, config_path, base)
+
+
+def assert_log_clean(proxy: Proxy) -> None:
+    log = proxy.log_text()
+    assert "Traceback" not in log and "Unhandled Error" not in log, f"twistd logged an error:\n{log}"
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[ProxyStarter]:
+    """Factory: C{start_proxy(config, args=(), env=None)} starts twistd (see L{ProxyStarter})."""
+    starter = ProxyStarter(tmp_path)
+    yield starter
+    starter.close()
 
 
 @pytest.fixture
@@ -320,46 +349,10 @@ def proxy_request(proxy: Proxy) -> Callable[[bytes], tuple[int, bytes, bytes]]:
 # --- a proxy shared by the tests of one module -----------------------------------------
 
 
-def spawn_proxy(config: dict[str, Any], directory: Path, index: int) -> Proxy:
-    """Start C{twistd -n navtwist} with C{config} (listen and ca_dir filled in); does not wait."""
-    port = _free_port()
-    config = {"listen": f"tcp:{port}:interface=127.0.0.1", "ca_dir": str(directory / f"ca{index}"), **config}
-    config_path = directory / f"navtwist{index}.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    log_path = directory / f"twistd{index}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    return Proxy(port, Path(config["ca_dir"]) / "ca.pem", process, log_path)
-
-
-def assert_log_clean(proxy: Proxy) -> None:
-    log = proxy.log_text()
-    assert "Traceback" not in log and "Unhandled Error" not in log, f"twistd logged an error:\n{log}"
-
-
 @pytest.fixture(scope="module")
-def start_module_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[dict[str, Any]], Proxy]]:
+def start_module_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStarter]:
     """Like L{start_proxy}, for a proxy that all the tests of a module share:
     started once, stopped and its log checked after the module's last test."""
-    directory = tmp_path_factory.mktemp("module-proxy")
-    started: list[Proxy] = []
-
-    def start(config: dict[str, Any]) -> Proxy:
-        started.append(spawn_proxy(config, directory, len(started)))
-        _wait_listening(started[-1], time.monotonic() + TIMEOUT)
-        return started[-1]
-
-    yield start
-
-    problems = []
-    for proxy in started:
-        for check in (_stop, assert_log_clean):
-            try:
-                check(proxy)
-            except AssertionError as e:
-                problems.append(str(e))
-    assert not problems, "\n\n".join(problems)
+    starter = ProxyStarter(tmp_path_factory.mktemp("module-proxy"))
+    yield starter
+    starter.close()

@@ -5,9 +5,10 @@ Fixtures (import them into a test module to use them):
 - C{make_upstream()}: a factory of extra L{Upstream} servers (primary,
   secondary, ...), all stopped at teardown.
 - C{not_tls}: a L{NotTLS} port.
-- C{launch_proxy(config, args=(), env=None)}: like C{start_proxy}, but with
-  extra C{twistd navtwist} arguments (e.g. C{--watch}) and environment, and a
-  L{LaunchedProxy} that knows its config file (to rewrite it for reloads).
+
+(C{start_proxy(config, args=(), env=None)} in conftest takes extra twistd
+arguments such as C{--watch} and environment; its proxies can rewrite their
+config file for reloads.)
 
 Also: scripts the stock upstream lacks (a trickled JSON body, a stream fed
 event by event), a port that speaks plain HTTP where TLS is expected, SDK
@@ -26,7 +27,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,7 +35,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import TIMEOUT, TWISTD, Proxy, Tunnel, _client, _free_port, _recv_head, _stop, _wait_listening
+from conftest import TIMEOUT, TWISTD, Proxy, Tunnel, _client, _free_port, _recv_head
 from upstream import INFERENCE, OPENAI_MODEL, Exchange, Script, Upstream, _Connection, sse
 
 # --- upstreams ------------------------------------------------------------------------
@@ -163,60 +164,6 @@ def anthropic_events_with_usage(parts: list[str], input_tokens: int, output_toke
 
 
 # --- the proxy ------------------------------------------------------------------------
-
-
-@dataclass
-class LaunchedProxy(Proxy):
-    """A running twistd started by L{launch_proxy}, with its config file."""
-
-    config_path: Path = field(default=Path())
-    base: dict[str, Any] = field(default_factory=dict)  # listen and ca_dir, kept on rewrites
-
-    def write_config(self, config: dict[str, Any] | str) -> None:
-        """Replace the config file: a dict (listen and ca_dir kept) or raw text."""
-        text = config if isinstance(config, str) else yaml.safe_dump({**self.base, **config})
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.config_path)  # atomically, as editors and config managers do
-
-
-@pytest.fixture
-def launch_proxy(tmp_path: Path) -> Iterator[Callable[..., LaunchedProxy]]:
-    """Factory: C{launch_proxy(config, args=(), env=None)} starts twistd with
-    C{config} (listen and ca_dir filled in), C{args} after C{--config PATH} and
-    C{env} added to the environment.  Checked at teardown like C{start_proxy}."""
-    started: list[LaunchedProxy] = []
-
-    def launch(config: dict[str, Any], args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> LaunchedProxy:
-        n = len(started)
-        port = _free_port()
-        base = {"listen": f"tcp:{port}:interface=127.0.0.1", "ca_dir": str(tmp_path / f"launch-ca{n}")}
-        config_path = tmp_path / f"launch{n}.yaml"
-        config_path.write_text(yaml.safe_dump({**base, **config}), encoding="utf-8")
-        log_path = tmp_path / f"launch{n}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path), *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            )
-        proxy = LaunchedProxy(port, Path(base["ca_dir"]) / "ca.pem", process, log_path, config_path, base)
-        started.append(proxy)
-        _wait_listening(proxy, time.monotonic() + TIMEOUT)
-        return proxy
-
-    yield launch
-
-    problems = []
-    for proxy in started:
-        try:
-            _stop(proxy)
-        except AssertionError as e:
-            problems.append(str(e))
-        log = proxy.log_text()
-        if "Traceback" in log or "Unhandled Error" in log:
-            problems.append(f"twistd logged an error:\n{log}")
-    assert not problems, "\n\n".join(problems)
 
 
 def run_twistd(config: dict[str, Any], tmp_path: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:

@@ -24,7 +24,6 @@ from routing_helpers import (  # noqa: F401  (fixtures are used by name)
     anthropic_events_with_usage,
     anthropic_through,
     httpx_through,
-    launch_proxy,
     make_upstream,
     not_tls,
     openai_events_with_usage,
@@ -469,12 +468,12 @@ def _invalid(base_url: str) -> dict[str, Any]:
     return broken
 
 
-def test_sighup_reload_keeps_streams_in_flight_and_routes_new_requests(launch_proxy, make_upstream):
+def test_sighup_reload_keeps_streams_in_flight_and_routes_new_requests(start_proxy, make_upstream):
     a, b = make_upstream(), make_upstream()
     a_events = openai_chat_events(tokens(19))  # 20 events, 100 ms apart
     a.script = Stream(events=a_events, interval=0.1)
     b.script = Stream(events=openai_chat_events(["from-b"]))
-    proxy = launch_proxy(routes_config(a.url), env={"NAVTWIST_MAX_TOKENS": "100"})
+    proxy = start_proxy(routes_config(a.url), env={"NAVTWIST_MAX_TOKENS": "100"})
     asking = {**CHAT, "max_tokens": 500}
 
     with ThreadPoolExecutor(5) as pool:
@@ -504,11 +503,11 @@ def test_sighup_reload_keeps_streams_in_flight_and_routes_new_requests(launch_pr
     assert len(b.exchanges) == 2 and len(a.exchanges) == 5
 
 
-def test_watch_picks_up_a_changed_file(launch_proxy, make_upstream):
+def test_watch_picks_up_a_changed_file(start_proxy, make_upstream):
     a, b = make_upstream(), make_upstream()
     a.script = Stream(events=openai_chat_events(["from-a"]))
     b.script = Stream(events=openai_chat_events(["from-b"]))
-    proxy = launch_proxy(routes_config(a.url), args=("--watch",))
+    proxy = start_proxy(routes_config(a.url), args=("--watch",))
     assert "from-a" in _stream_raw(proxy)
 
     proxy.write_config(routes_config(b.url))
