@@ -7,7 +7,7 @@ ARGS ?=
 .PHONY: run test bench clean
 
 run: $(VENV)/.installed
-	$(BIN)/twistd -n navtwist $(ARGS)
+	$(BIN)/twistd -n --pidfile= navtwist $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
