@@ -1,7 +1,6 @@
 """The resource that serves inference.local: detect the protocol, refuse the rest."""
 from __future__ import annotations
 
-import json
 from urllib.parse import unquote
 
 from twisted.web.resource import Resource
@@ -22,14 +21,6 @@ def model_object(name: str, anthropic: bool) -> dict:
 def _short(text: str | None) -> str | None:
     """A client's string, cut so it cannot blow up an error message."""
     return text if text is None or len(text) <= 200 else text[:200] + "…"
-
-
-def write_json(request: Request, document: dict) -> None:
-    body = json.dumps(document).encode("utf-8")
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    request.write(body)
-    request.finish()
 
 
 class InferenceDispatcher(Resource):
@@ -83,11 +74,11 @@ class InferenceDispatcher(Resource):
                 errors.write_error(request, ANTHROPIC_MESSAGES if anthropic else None, errors.MODEL_NOT_FOUND,
                                    f"model {_short(name)!r} is not served here")
                 return
-            write_json(request, model_object(name, anthropic))
+            errors.write_json(request, 200, model_object(name, anthropic))
             return
         data = [model_object(name, anthropic) for name in names]
         if anthropic:
-            write_json(request, {"data": data, "has_more": False,
+            errors.write_json(request, 200, {"data": data, "has_more": False,
                                  "first_id": names[0] if names else None, "last_id": names[-1] if names else None})
         else:
-            write_json(request, {"object": "list", "data": data})
+            errors.write_json(request, 200, {"object": "list", "data": data})

@@ -82,14 +82,19 @@ def error_document(protocol: str | None, kind: ErrorKind, message: str | None = 
     return {"error": {"message": text, "type": kind.openai_type, "code": kind.code}}
 
 
-def write_error(request: Request, protocol: str | None, kind: ErrorKind, message: str | None = None) -> None:
-    """Answer C{request} with a complete JSON error response."""
-    body = json.dumps(error_document(protocol, kind, message)).encode("utf-8")
-    request.setResponseCode(kind.status)
+def write_json(request: Request, status: int, document: dict) -> None:
+    """Answer C{request} with a complete JSON response."""
+    body = json.dumps(document).encode("utf-8")
+    request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.write(body)
     request.finish()
+
+
+def write_error(request: Request, protocol: str | None, kind: ErrorKind, message: str | None = None) -> None:
+    """Answer C{request} with a JSON error in its SDK's shape."""
+    write_json(request, kind.status, error_document(protocol, kind, message))
 
 
 def stream_error_event(protocol: str, message: str) -> bytes:

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.egress import Egress, EgressRefused
-from navtwist.intercept import raw_json_response
+from navtwist.errors import write_json
 from navtwist.policy import IPAddress
 from navtwist.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 from navtwist.relay import HOP_BY_HOP
@@ -30,12 +30,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connecti
 
 def write_refusal(request: Request, status: int, error: str, detail: str) -> None:
     """Answer with the proxy's own JSON refusal shape."""
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    body = raw_json_response(status, {"error": error, "detail": detail}).partition(b"\r\n\r\n")[2]
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    request.write(body)
-    request.finish()
+    write_json(request, status, {"error": error, "detail": detail})
 
 
 def forwarded_headers(client: Headers, authority: bytes) -> Headers:
