@@ -28,7 +28,7 @@ from navtwist.ca import CertificateAuthority
 from navtwist.config import Limits, Timeouts
 from navtwist.egress import Egress, EgressRefused
 from navtwist.head import BadHead, ProxyHead, parse_authority, parse_head
-from navtwist.intercept import raw_json_response
+from navtwist.httpchannel import raw_json_response
 from navtwist.metrics import Metrics
 from navtwist.tunnel import Splice, TunnelUpstreamFactory
 

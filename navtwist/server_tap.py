@@ -105,9 +105,7 @@ def make_service(
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
-    site = InterceptSite(
-        InferenceDispatcher(router), config.limits, timeouts.keepalive_idle, reactor, head_read=timeouts.head_read
-    )
+    site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts, reactor)
     egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
     forward = ForwardResource(
         egress,

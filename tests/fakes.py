@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from navtwist.config import Limits, parse_config
+from navtwist.config import Limits, Timeouts, parse_config
 from navtwist.dispatch import InferenceDispatcher
 from navtwist.intercept import InterceptSite
 from navtwist.router import Extensions, InferenceRouter, make_client
@@ -183,7 +183,7 @@ def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 
     agent = FakeAgent()
     router = InferenceRouter(parse_config(config, {}).routes, clock, lambda route: make_client(agent), write_stall,
                              extensions)
-    site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=max_body_bytes), 60, clock)
+    site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=max_body_bytes), Timeouts(), clock)
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

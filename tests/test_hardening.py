@@ -175,7 +175,7 @@ class Channel:
         clock = MemoryReactorClock()
         resource = OkResource()
         if site_type is InterceptSite:
-            site = InterceptSite(resource, limits, TIMEOUTS.keepalive_idle, clock, TIMEOUTS.head_read)
+            site = InterceptSite(resource, limits, TIMEOUTS, clock)
         else:
             site = HardenedSite(resource, limits, TIMEOUTS, clock)
         return cls(clock, resource, site, *cls._connect(site))
