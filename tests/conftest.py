@@ -267,11 +267,13 @@ def _recv_head(sock: socket.socket, buffered: bytes = b"") -> tuple[int, bytes, 
 class Tunnel:
     """A hand-made client: CONNECT through the proxy, then TLS, with plain socket calls."""
 
-    def __init__(self, proxy: Proxy, rcvbuf: int | None = None) -> None:
+    def __init__(self, proxy: Proxy, rcvbuf: int | None = None, mss: int | None = None) -> None:
         raw = socket.socket()
         raw.settimeout(TIMEOUT)
         if rcvbuf is not None:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: fixes the window
+        if mss is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         raw.connect(("127.0.0.1", proxy.port))
         raw.sendall(f"CONNECT {INFERENCE}:443 HTTP/1.1\r\nHost: {INFERENCE}:443\r\n\r\n".encode())
         status, head, rest = _recv_head(raw)

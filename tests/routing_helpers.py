@@ -145,24 +145,6 @@ def openai_events_with_usage(parts: list[str], prompt_tokens: int, completion_to
     return tuple(events)
 
 
-def anthropic_events_with_usage(parts: list[str], input_tokens: int, output_tokens: int,
-                                model: str = "claude-route-model") -> tuple[bytes, ...]:
-    message = {"id": "msg_up", "type": "message", "role": "assistant", "model": model, "content": [],
-               "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": input_tokens, "output_tokens": 1}}
-    return (
-        sse({"type": "message_start", "message": message}, "message_start"),
-        sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            "content_block_start"),
-        *(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-              "content_block_delta") for text in parts),
-        sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-        sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-             "usage": {"output_tokens": output_tokens}}, "message_delta"),
-        sse({"type": "message_stop"}, "message_stop"),
-    )
-
-
 # --- the proxy ------------------------------------------------------------------------
 
 
@@ -297,14 +279,4 @@ class NarrowTunnel(Tunnel):
     client that stops reading fills the kernel's buffers after a few KiB."""
 
     def __init__(self, proxy: Proxy, rcvbuf: int = 4096, mss: int = 1024) -> None:
-        raw = socket.socket()
-        raw.settimeout(TIMEOUT)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-        raw.connect(("127.0.0.1", proxy.port))
-        raw.sendall(f"CONNECT {INFERENCE}:443 HTTP/1.1\r\nHost: {INFERENCE}:443\r\n\r\n".encode())
-        status, head, rest = _recv_head(raw)
-        assert status == 200 and not rest, head
-        context = ssl.create_default_context(cafile=str(proxy.ca_path))
-        self.sock = context.wrap_socket(raw, server_hostname=INFERENCE)
-        self.buffer = b""
+        super().__init__(proxy, rcvbuf, mss)

@@ -21,7 +21,6 @@ import pytest
 
 from routing_helpers import (  # noqa: F401  (fixtures are used by name)
     Trickle,
-    anthropic_events_with_usage,
     anthropic_through,
     httpx_through,
     make_upstream,
@@ -38,6 +37,7 @@ from upstream import (
     OPENAI_KEY,
     Json,
     Stream,
+    anthropic_message_events,
     openai_chat_events,
     routes_config,
     tokens,
@@ -435,7 +435,7 @@ def test_request_log_carries_the_upstreams_usage_and_no_secrets(start_proxy, ups
                                                      stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens == 11 and chunks[-1].usage.completion_tokens == 22
 
-    upstream.script = Stream(events=anthropic_events_with_usage(SECRET_PARTS, 13, 17), headers_delay=0.2)
+    upstream.script = Stream(events=anthropic_message_events(SECRET_PARTS, input_tokens=13, output_tokens=17), headers_delay=0.2)
     with anthropic_through(proxy) as client:
         with client.messages.stream(model="claude-client", max_tokens=64, messages=messages) as stream:
             assert "".join(stream.text_stream) == "".join(SECRET_PARTS)

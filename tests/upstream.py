@@ -235,12 +235,14 @@ def openai_chat_events(parts: Iterable[str], model: str = OPENAI_MODEL) -> tuple
     return tuple(events)
 
 
-def anthropic_message_events(parts: Iterable[str], model: str = ANTHROPIC_MODEL) -> tuple[bytes, ...]:
-    """The event sequence of a streamed Anthropic message whose text is C{parts}."""
+def anthropic_message_events(parts: Iterable[str], model: str = ANTHROPIC_MODEL, input_tokens: int = 3,
+                             output_tokens: int | None = None) -> tuple[bytes, ...]:
+    """The event sequence of a streamed Anthropic message whose text is C{parts};
+    the output token count defaults to one per part."""
     parts = list(parts)
     message = {
         "id": "msg_up", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0},
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0},
     }
     return (
         sse({"type": "message_start", "message": message}, "message_start"),
@@ -250,7 +252,7 @@ def anthropic_message_events(parts: Iterable[str], model: str = ANTHROPIC_MODEL)
               "content_block_delta") for text in parts),
         sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
         sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-             "usage": {"output_tokens": len(parts)}}, "message_delta"),
+             "usage": {"output_tokens": len(parts) if output_tokens is None else output_tokens}}, "message_delta"),
         sse({"type": "message_stop"}, "message_stop"),
     )
 
