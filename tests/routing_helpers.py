@@ -22,7 +22,6 @@ import os
 import queue
 import re
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -35,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import TIMEOUT, TWISTD, Proxy, Tunnel, _client, _free_port, _recv_head
+from conftest import TIMEOUT, TWISTD, Proxy, Tunnel, _client, _free_port
 from upstream import INFERENCE, OPENAI_MODEL, Exchange, Script, Upstream, _Connection, sse
 
 # --- upstreams ------------------------------------------------------------------------
