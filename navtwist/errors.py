@@ -61,10 +61,6 @@ UPSTREAM_PROTOCOL = ErrorKind(
     502, "upstream_error", "api_error", "api_error",
     "inference service sent an invalid response",
 )
-RESPONSE_TOO_LARGE = ErrorKind(
-    502, "response_too_large", "api_error", "api_error",
-    "inference service response exceeds the proxy's limit",
-)
 
 
 def refused_by_hook(status: int) -> ErrorKind:

@@ -71,7 +71,6 @@ class ResponseRelay(Protocol):
         self._outcome: str | None = None
         self._at_event_boundary = True
         self.bytes_relayed = 0
-        self.first_chunk_at: float | None = None
 
     # -- upstream side: the body as delivered by Response.deliverBody
 
@@ -82,8 +81,6 @@ class ResponseRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._client_gone:
             return
-        if self.first_chunk_at is None:
-            self.first_chunk_at = self._clock.seconds()
         self.bytes_relayed += len(data)
         self._at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
         self._request.write(data)
