@@ -30,6 +30,7 @@ class DrainService(service.Service):
         self._clock = clock
         self._timeout = timeout
         self._handle_sigterm = handle_sigterm
+        self._stop_requested = False
 
     def startService(self) -> None:
         super().startService()
@@ -40,7 +41,13 @@ class DrainService(service.Service):
             self._clock.callWhenRunning(signal.signal, signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
-        self._clock.callFromThread(self._clock.stop)
+        self._clock.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        # A second SIGTERM while draining must not ask a stopping reactor to stop again.
+        if not self._stop_requested:
+            self._stop_requested = True
+            self._clock.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
