@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from navtwist import hooks
-from navtwist.policy import Policy
-from navtwist.protocols import (
+from navtwist.inference import hooks
+from navtwist.egress.policy import Policy
+from navtwist.inference.protocols import (
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
     OPENAI_COMPLETIONS,
@@ -27,7 +27,7 @@ from navtwist.protocols import (
     OPENAI_RESPONSES,
     PROTOCOLS,
 )
-from navtwist.providers import get_provider, providers
+from navtwist.inference.providers import get_provider, providers
 
 _T = TypeVar("_T")
 

@@ -35,10 +35,10 @@ class IRequestHook(Interface):
     name = Attribute("The name that enables this hook in C{plugins:} (str).")
 
     def before_upstream(request: object) -> object:
-        """Inspect or change C{request}, a L{navtwist.hooks.InferenceRequest}
+        """Inspect or change C{request}, a L{navtwist.inference.hooks.InferenceRequest}
         (protocol, route, client_model, mutable JSON C{document}, mutable
         extra upstream C{headers}).  Return None to go on, or a
-        L{navtwist.hooks.Refusal} to answer the client with its status and
+        L{navtwist.inference.hooks.Refusal} to answer the client with its status and
         message instead.  An exception is logged and answered with a 500.
         """
 
@@ -54,7 +54,7 @@ class IStreamObserver(Interface):
     name = Attribute("The name that enables this observer in C{plugins:} (str).")
 
     def response_started(info: object) -> None:
-        """The response head went out; C{info} is the request's L{navtwist.hooks.InferenceRequest}."""
+        """The response head went out; C{info} is the request's L{navtwist.inference.hooks.InferenceRequest}."""
 
     def chunk(info: object, data: bytes) -> None:
         """C{data} was just written to the client (read-only)."""

@@ -16,9 +16,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from navtwist.config import Limits, Timeouts, parse_config
-from navtwist.dispatch import InferenceDispatcher
-from navtwist.intercept import InterceptSite
-from navtwist.router import Extensions, InferenceRouter, make_client
+from navtwist.inference.dispatch import InferenceDispatcher
+from navtwist.http.sites import InterceptSite
+from navtwist.inference.router import Extensions, InferenceRouter, make_client
 
 
 class _Collect:

@@ -15,8 +15,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.server import Site
 
-from navtwist.admin import make_admin_site
-from navtwist.metrics import Metrics
+from navtwist.service.admin import make_admin_site
+from navtwist.service.metrics import Metrics
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -18,8 +18,8 @@ from navtwist.config import (
     parse_config,
     with_overrides,
 )
-from navtwist.policy import Policy
-from navtwist.protocols import PROTOCOLS
+from navtwist.egress.policy import Policy
+from navtwist.inference.protocols import PROTOCOLS
 
 SECRET = "nvapi-TOPSECRET-0123456789"
 ENV = {"NVIDIA_API_KEY": SECRET}

@@ -7,8 +7,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from navtwist.egress import Egress, EgressRefused
-from navtwist.policy import Policy
+from navtwist.egress.dial import Egress
+from navtwist.outcome import Refusal
+from navtwist.egress.policy import Policy
 
 from fakes import FakeResolver
 
@@ -51,8 +52,8 @@ def _result(d):  # type: ignore[no-untyped-def]
 
 def _refusal(d) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
     result = _result(d)
-    assert isinstance(result, Failure) and result.check(EgressRefused), result
-    return result.value.status, result.value.error, result.value.detail
+    assert isinstance(result, Failure) and result.check(Refusal), result
+    return result.value.status, result.value.code, result.value.message
 
 
 @pytest.mark.parametrize("host, port, address", [

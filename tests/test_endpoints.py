@@ -7,7 +7,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import URI
 
-from navtwist.endpoints import UpstreamEndpoints
+from navtwist.upstream.endpoints import UpstreamEndpoints
 
 
 @pytest.mark.parametrize("url, kind", [

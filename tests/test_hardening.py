@@ -23,11 +23,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.config import Limits, Timeouts
-from navtwist.egress import EgressRefused
-from navtwist.head import BadHead, parse_head
-from navtwist.httpchannel import HardenedChannel, HardenedSite
-from navtwist.intercept import InterceptSite
-from navtwist.proxy import ProxyFactory
+from navtwist.outcome import Refusal
+from navtwist.http.head import BadHead, parse_head
+from navtwist.http.channel import HardenedChannel, HardenedSite
+from navtwist.http.sites import InterceptSite
+from navtwist.listener import ProxyFactory
 
 LIMITS = Limits(max_head_bytes=1024, max_headers=10, max_body_bytes=100, max_connections=100000)
 # Room for the 5000-digit vectors, which must be refused as malformed, not as too large.
@@ -87,7 +87,7 @@ class RefusingEgress:
     """Every tunnel destination is refused, as a deny-all policy would."""
 
     def destination(self, host: str, port: int, label: str) -> defer.Deferred:
-        return defer.fail(EgressRefused(403, "policy_denied", f"{label} not permitted by policy"))
+        return defer.fail(Refusal(403, "policy_denied", f"{label} not permitted by policy"))
 
     def connect(self, *args: object) -> defer.Deferred:
         raise AssertionError("a refused destination is never dialled")

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import capturedLogs
 
-from navtwist.metrics import Metrics, status_label
+from navtwist.service.metrics import Metrics, status_label
 
 CHAT = "openai_chat_completions"
 

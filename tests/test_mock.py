@@ -1,4 +1,4 @@
-"""Tests for navtwist.mock: the local model server behind C{mock://} routes.
+"""Tests for navtwist.inference.mock: the local model server behind C{mock://} routes.
 
 Everything runs on a L{MemoryReactorClock}; time only moves with
 C{clock.advance}, so "one event per interval" is checked exactly.
@@ -22,7 +22,7 @@ from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface.verify import verifyObject
 
-from navtwist.mock import CANNED_ANSWER, CANNED_TOKENS, DEFAULT_MODEL, MockAgent
+from navtwist.inference.mock import CANNED_ANSWER, CANNED_TOKENS, DEFAULT_MODEL, MockAgent
 
 INTERVAL = 0.02
 BASE = "mock:///v1"

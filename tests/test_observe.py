@@ -7,9 +7,9 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 
-from navtwist.egress import EgressRefused
-from navtwist.exchange import UpstreamStatus
-from navtwist.observe import MetricsListener, failure_kind
+from navtwist.outcome import Refusal
+from navtwist.upstream.exchange import UpstreamStatus
+from navtwist.inference.observe import MetricsListener, failure_kind
 
 
 class Sink:
@@ -29,7 +29,7 @@ class Sink:
     (CancelledError(), True, "timeout"),
     (UpstreamStatus(503), False, "status"),
     (ResponseNeverReceived([Failure(ValueError())]), False, "protocol"),
-    (EgressRefused(502, "upstream_unreachable", "x"), False, "connect"),
+    (Refusal(502, "upstream_unreachable", "x"), False, "connect"),
     (KeyError(), False, "other"),
 ])
 def test_failure_kinds(error: Exception, timed_out: bool, kind: str) -> None:
@@ -39,7 +39,7 @@ def test_failure_kinds(error: Exception, timed_out: bool, kind: str) -> None:
 def test_proxy_refusals_are_not_upstream_errors() -> None:
     sink = Sink()
     listener = MetricsListener(sink)
-    listener.attempt_failed(Failure(EgressRefused(403, "policy_denied", "x")), False)
-    listener.attempt_failed(Failure(EgressRefused(504, "upstream_timeout", "x")), False)
+    listener.attempt_failed(Failure(Refusal(403, "policy_denied", "x")), False)
+    listener.attempt_failed(Failure(Refusal(504, "upstream_timeout", "x")), False)
     listener.ended({"outcome": "ok"})
     assert sink.errors == ["timeout"] and sink.records == [{"outcome": "ok"}]

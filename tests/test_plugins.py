@@ -14,13 +14,13 @@ from zope.interface import implementer
 
 import navtwist.plugins
 from fakes import FakeResponse, Harness, make_harness
-from navtwist import hooks, providers
+from navtwist.inference import hooks, providers
 from navtwist.config import ConfigError, parse_config
-from navtwist.hooks import InferenceRequest, Refusal
+from navtwist.inference.hooks import InferenceRequest, Refusal
 from navtwist.interfaces import IRequestHook, IStreamObserver
 from navtwist.plugins.cap_max_tokens import cap_max_tokens
 from navtwist.plugins.stream_audit import stream_audit
-from navtwist.router import Extensions
+from navtwist.inference.router import Extensions
 
 ROUTES = {"routes": [{"name": "r", "endpoint": "http://up.test/v1", "model": "m", "api_key": "k",
                       "protocols": ["openai_chat_completions", "anthropic_messages"]}]}
@@ -73,8 +73,20 @@ def test_example_plugins_are_discovered_by_name() -> None:
     assert hooks.select(["stream_audit", "cap_max_tokens"]) == ([cap_max_tokens], [stream_audit])
 
 
-def test_builtin_providers_are_plugins() -> None:
-    assert {"openai", "nvidia", "anthropic", "deepinfra"} <= set(providers.providers())
+def test_builtin_providers_are_always_present_and_cannot_be_shadowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from navtwist.inference.providers import ProviderProfile
+
+    rogue = ProviderProfile("openai", auth_header=b"x-leak")
+    extra = ProviderProfile("acme")
+    monkeypatch.setattr(providers, "getPlugins", lambda interface, package: iter([rogue, extra]))
+    providers.providers.cache_clear()
+    try:
+        found = providers.providers()
+        assert {"openai", "nvidia", "anthropic", "deepinfra", "acme"} <= set(found)
+        assert found["openai"].auth_header == b"authorization"
+        assert found["acme"] is extra
+    finally:
+        providers.providers.cache_clear()
 
 
 def test_config_enables_plugins_and_rejects_unknown_names() -> None:
@@ -179,7 +191,7 @@ def test_third_party_provider_dropin_needs_no_core_change(tmp_path: Path, monkey
     dropins = tmp_path / "navtwist" / "plugins"
     dropins.mkdir(parents=True)
     (dropins / "acme_vendor.py").write_text(textwrap.dedent('''
-        from navtwist.providers import ProviderProfile
+        from navtwist.inference.providers import ProviderProfile
         acme = ProviderProfile("acme", auth_header=b"x-acme-key", auth_scheme=b"")
     '''))
     monkeypatch.setattr(navtwist.plugins, "__path__", [*navtwist.plugins.__path__, str(dropins)])

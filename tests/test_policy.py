@@ -1,4 +1,4 @@
-"""Tests for navtwist.policy: host normal form, allow-list matching, internal addresses."""
+"""Tests for navtwist.egress.policy: host normal form, allow-list matching, internal addresses."""
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from navtwist.policy import (
+from navtwist.egress.policy import (
     AllowRule,
     IPAddress,
     Policy,

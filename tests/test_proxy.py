@@ -9,10 +9,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from navtwist.config import Limits, Timeouts
-from navtwist.egress import Egress
-from navtwist.policy import Policy
-from navtwist.head import BadHead, parse_authority, parse_head
-from navtwist.proxy import ProxyFactory
+from navtwist.egress.dial import Egress
+from navtwist.egress.policy import Policy
+from navtwist.http.head import BadHead, parse_authority, parse_head
+from navtwist.listener import ProxyFactory
 
 
 from fakes import FakeResolver

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
 from navtwist.config import Config, load_config
-from navtwist.reload import ConfigReloader
+from navtwist.service.reload import ConfigReloader
 
 ROUTE = "routes:\n  - {{name: {name}, endpoint: 'mock://', model: m, protocols: [openai_chat_completions]}}\n"
 

@@ -10,10 +10,10 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
-from navtwist import errors
-from navtwist.providers import get_provider, openshell_url
-from navtwist.relay import client_response_headers
-from navtwist.router import (
+from navtwist.inference import errors
+from navtwist.inference.providers import get_provider, openshell_url
+from navtwist.upstream.relay import client_response_headers
+from navtwist.inference.router import (
     body_for,
     classify_failure,
     parse_body,

@@ -13,7 +13,7 @@ from twisted.logger import globalLogPublisher
 
 from fakes import FakeResponse, Harness, make_harness
 from navtwist.config import parse_config
-from navtwist.exchange import outcome_class
+from navtwist.upstream.exchange import outcome_class
 
 
 def _route(name: str, host: str, **extra: object) -> dict:

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from navtwist.ca import CertificateAuthority
-from navtwist.cli import main
+from navtwist.service.cli import main
 from navtwist.config import load_config
-from navtwist.sandbox_env import (
+from navtwist.service.sandbox_env import (
     BUNDLE_VARIABLES,
     COMMON_SYSTEM_STORES,
     PROXY_VARIABLES,
@@ -326,7 +326,7 @@ def test_openai_sdk_streams_through_proxy_with_only_the_printed_environment(star
     twistd_args = proxy.process.args
     config = twistd_args[twistd_args.index("--config") + 1]
 
-    printed = subprocess.run([sys.executable, "-m", "navtwist.cli", "env", "--config", config, "--format", "json"],
+    printed = subprocess.run([sys.executable, "-m", "navtwist.service.cli", "env", "--config", config, "--format", "json"],
                              capture_output=True, text=True, timeout=TIMEOUT, check=True)
     variables = json.loads(printed.stdout)
     assert variables["HTTPS_PROXY"] == proxy.url

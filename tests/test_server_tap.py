@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from navtwist.server_tap import Options, make_service
+from navtwist.service.server_tap import Options, make_service
 
 
 def test_twistd_finds_the_navtwist_plugin() -> None:

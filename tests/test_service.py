@@ -32,8 +32,8 @@ from twisted.python.systemd import ListenFDs
 from twisted.scripts.twistd import ServerOptions
 
 from navtwist.config import Config, parse_config
-from navtwist.logs import TwistdLogging, json_line, log_observer_for, log_path_for, twistd_service
-from navtwist.sandbox_env import proxy_url_from_listen, sandbox_variables
+from navtwist.service.logs import TwistdLogging, json_line, log_observer_for, log_path_for, twistd_service
+from navtwist.service.sandbox_env import proxy_url_from_listen, sandbox_variables
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "docs" / "systemd"
@@ -348,7 +348,7 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     assert text.endswith("\n") and "\x1e" not in text
     lines = text.splitlines()
     for line in lines:  # text lines mean twistd picked its own observer
-        assert line.startswith("{"), f"not a JSON line (does makeService return navtwist.logs.twistd_service?): {line!r}"
+        assert line.startswith("{"), f"not a JSON line (does makeService return navtwist.service.logs.twistd_service?): {line!r}"
     events = [json.loads(line) for line in lines]
     for event in events:
         assert "log_namespace" in event and "log_level" in event, event

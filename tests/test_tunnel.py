@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from navtwist.tunnel import Splice, TunnelUpstream
+from navtwist.egress.tunnel import Splice, TunnelUpstream
 
 
 class HalfCloseTransport(StringTransport):

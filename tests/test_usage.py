@@ -1,4 +1,4 @@
-"""Tests for navtwist.usage: passive usage and first-token accounting.
+"""Tests for navtwist.inference.usage: passive usage and first-token accounting.
 
 Streams come from the mock backend (driven on a L{MemoryReactorClock}) or are
 written by hand to hit the SSE corner cases; every re-chunking of a stream
@@ -22,10 +22,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-import navtwist.usage
-from navtwist.mock import CANNED_TOKENS, MockAgent
-from navtwist.router import BytesProducer
-from navtwist.protocols import (
+import navtwist.inference.usage
+from navtwist.inference.mock import CANNED_TOKENS, MockAgent
+from navtwist.upstream.body import BytesProducer
+from navtwist.inference.protocols import (
     ANTHROPIC_MESSAGES,
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
@@ -33,7 +33,7 @@ from navtwist.protocols import (
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
 )
-from navtwist.usage import Usage, UsageMeter
+from navtwist.inference.usage import Usage, UsageMeter
 
 INTERVAL = 0.02
 PROMPT = "one two three"  # the mock counts words: 3 input tokens
@@ -353,7 +353,7 @@ def test_only_events_that_may_matter_are_decoded(monkeypatch: pytest.MonkeyPatch
     chunks = mock_stream(OPENAI_CHAT_COMPLETIONS) + nulls
     decoded: list[Any] = []
     loads = json.loads
-    monkeypatch.setattr(navtwist.usage.json, "loads", lambda data: decoded.append(data) or loads(data))
+    monkeypatch.setattr(navtwist.inference.usage.json, "loads", lambda data: decoded.append(data) or loads(data))
     usage = meter(OPENAI_CHAT_COMPLETIONS, chunks)
     assert (usage.input_tokens, usage.output_tokens) == MOCK_USAGE
     assert len(decoded) == 3
@@ -507,9 +507,9 @@ def test_benchmark_chat_stream(capsys: pytest.CaptureFixture[str]) -> None:
     (ANTHROPIC_MESSAGES, b'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
 ])
 def test_the_final_event_marks_the_stream_complete(protocol: str, final: bytes) -> None:
-    meter = navtwist.usage.UsageMeter(protocol, True, lambda: 0.0)
+    meter = navtwist.inference.usage.UsageMeter(protocol, True, lambda: 0.0)
     meter.feed(b'data: {"x": 1}\n\n')
     assert not meter.finish().complete
-    meter = navtwist.usage.UsageMeter(protocol, True, lambda: 0.0)
+    meter = navtwist.inference.usage.UsageMeter(protocol, True, lambda: 0.0)
     meter.feed(b'data: {"x": 1}\n\n' + final)
     assert meter.finish().complete

@@ -11,7 +11,7 @@ import os
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from navtwist.hooks import InferenceRequest, Refusal
+from navtwist.inference.hooks import InferenceRequest, Refusal
 from navtwist.interfaces import IRequestHook
 
 # Each API names the output limit differently.

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from navtwist.hooks import InferenceRequest
+from navtwist.inference.hooks import InferenceRequest
 from navtwist.interfaces import IStreamObserver
 
 log = Logger(namespace="navtwist.audit")

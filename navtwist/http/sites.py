@@ -1,12 +1,12 @@
 """The HTTP/1.1 server that runs inside an intercepted TLS connection.
 
-The parsing, limits and refusals are L{navtwist.httpchannel}'s; this site
+The parsing, limits and refusals are L{navtwist.http.channel}'s; this site
 only words its refusals the way the inference clients (OpenAI-style SDKs)
 read errors.
 """
 from __future__ import annotations
 
-from navtwist.httpchannel import HardenedSite, Refusal
+from navtwist.http.channel import HardenedSite, Refusal
 
 
 class InterceptSite(HardenedSite):

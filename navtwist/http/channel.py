@@ -5,7 +5,7 @@ Twisted's HTTPChannel does the parsing (keep-alive, pipelining in order,
 module closes the gaps a security boundary cannot leave open, and makes every
 refusal a complete JSON response followed by a close:
 
-- the header rules of L{navtwist.head} (obs-fold, names, control characters,
+- the header rules of L{navtwist.http.head} (obs-fold, names, control characters,
   Content-Length syntax, Transfer-Encoding other than chunked), shared with
   the proxy's first-head parser so that both read a head the same way;
 - chunk sizes over 16 hex digits and malformed trailer lines;
@@ -27,7 +27,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from navtwist.config import Limits, Timeouts
-from navtwist.head import BadHead, check_framing_header, check_not_folded, parse_header_line
+from navtwist.http.head import BadHead, check_framing_header, check_not_folded, parse_header_line
 
 # 16 hex digits are 64 bits: a longer chunk size overflows other parsers.
 _MAX_CHUNK_SIZE_DIGITS = 16

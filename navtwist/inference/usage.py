@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from navtwist.protocols import (
+from navtwist.inference.protocols import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT_COMPLETIONS,
     OPENAI_COMPLETIONS,

@@ -34,7 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from navtwist.protocols import (
+from navtwist.inference.protocols import (
     ANTHROPIC_MESSAGES,
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from navtwist.proxy import ProxyFactory
+from navtwist.listener import ProxyFactory
 
 log = Logger(namespace="navtwist.drain")
 

@@ -12,7 +12,7 @@ import sys
 
 from navtwist.ca import CAError
 from navtwist.config import ConfigError, load_config, with_overrides
-from navtwist.sandbox_env import FORMATS, EnvError, prepare, render
+from navtwist.service.sandbox_env import FORMATS, EnvError, prepare, render
 
 USER_ERROR = 2
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from twisted.web.server import Request
 
-from navtwist.protocols import is_anthropic
+from navtwist.inference.protocols import is_anthropic
 
 
 @dataclass(frozen=True)

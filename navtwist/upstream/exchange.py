@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from navtwist.relay import (
+from navtwist.upstream.relay import (
     CLIENT_GONE,
     CLIENT_STALLED,
     OK,

@@ -19,9 +19,9 @@ from typing import Any, Callable, Concatenate, Iterable, Mapping, ParamSpec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.logger import Logger
 
-from navtwist import errors
-from navtwist.protocols import PROTOCOLS
-from navtwist.relay import CLIENT_GONE, CLIENT_STALLED, OK, TIMEOUT, UPSTREAM_ERROR, UPSTREAM_IDLE
+from navtwist.inference import errors
+from navtwist.inference.protocols import PROTOCOLS
+from navtwist.upstream.relay import CLIENT_GONE, CLIENT_STALLED, OK, TIMEOUT, UPSTREAM_ERROR, UPSTREAM_IDLE
 
 log = Logger(namespace="navtwist.metrics")
 
@@ -42,7 +42,7 @@ OUTCOMES = frozenset(
         # why no candidate answered an inference request
         *(kind.code for kind in (errors.ROUTE_BUSY, errors.UPSTREAM_UNAVAILABLE, errors.UPSTREAM_TIMEOUT,
                                  errors.UPSTREAM_PROTOCOL)),
-        # why a forwarded request was refused (EgressRefused.error)
+        # why a forwarded request was refused (Refusal.code)
         "policy_denied", "ssrf_denied", "upstream_unreachable", "upstream_timeout", "bad_request",
     }
 )

@@ -24,17 +24,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from navtwist.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
-
-
-class EgressRefused(Exception):
-    """A destination the proxy will not or cannot reach, as the client should hear it."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
+from navtwist.outcome import Refusal
+from navtwist.egress.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
 
 
 @implementer(IResolutionReceiver)
@@ -74,16 +65,16 @@ class Egress:
         self._connect_timeout = connect_timeout
 
     def destination(self, host: str, port: int, label: str) -> Deferred[IPAddress]:
-        """The one address to dial for C{host:port}, or an L{EgressRefused} failure.
+        """The one address to dial for C{host:port}, or an L{Refusal} failure.
 
         C{label} names the request in refusals, e.g. C{"CONNECT h:443"}.
         """
         try:
             name = normalize_host(host)
         except ValueError as e:
-            return fail(EgressRefused(400, "bad_request", str(e)))
+            return fail(Refusal(400, "bad_request", str(e)))
         if not self.policy.allows(name, port):
-            return fail(EgressRefused(403, "policy_denied", f"{label} not permitted by policy"))
+            return fail(Refusal(403, "policy_denied", f"{label} not permitted by policy"))
         literal = parse_ip(name)
         if literal is not None:
             # allows() matched an entry naming this IP literally: that is the exemption.
@@ -96,22 +87,22 @@ class Egress:
 
     def _checked(self, addresses: list[IPAddress], name: str, port: int) -> IPAddress:
         if not addresses:
-            raise EgressRefused(502, "upstream_unreachable", f"cannot resolve {name}")
+            raise Refusal(502, "upstream_unreachable", f"cannot resolve {name}")
         address, reason = check_resolved(self.policy, addresses, port)
         if address is None:
-            raise EgressRefused(403, "ssrf_denied", f"{name} resolves to a {reason} address")
+            raise Refusal(403, "ssrf_denied", f"{name} resolves to a {reason} address")
         return address
 
     @staticmethod
     def _unresolved(failure: Failure, name: str) -> Failure:
-        if failure.check(EgressRefused):
+        if failure.check(Refusal):
             return failure
         if failure.check(DNSLookupError):
-            raise EgressRefused(502, "upstream_unreachable", f"cannot resolve {name}")
-        raise EgressRefused(504, "upstream_timeout", f"resolving {name} timed out")
+            raise Refusal(502, "upstream_unreachable", f"cannot resolve {name}")
+        raise Refusal(504, "upstream_timeout", f"resolving {name} timed out")
 
     def connect(self, address: IPAddress, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        """Dial exactly C{address}; failures become L{EgressRefused}."""
+        """Dial exactly C{address}; failures become L{Refusal}."""
         endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
         endpoint = endpoint_type(self._reactor, str(address), port, timeout=self._connect_timeout)
         return endpoint.connect(factory).addErrback(_dial_failed)
@@ -119,9 +110,9 @@ class Egress:
 
 def _dial_failed(failure: Failure) -> None:
     if failure.check(TimeoutError, TCPTimedOutError):
-        raise EgressRefused(504, "upstream_timeout", "connecting to the destination timed out")
+        raise Refusal(504, "upstream_timeout", "connecting to the destination timed out")
     failure.trap(ConnectError)
-    raise EgressRefused(502, "upstream_unreachable", "cannot connect to the destination")
+    raise Refusal(502, "upstream_unreachable", "cannot connect to the destination")
 
 
 def _stop_timer(result: object, call: IDelayedCall) -> object:

@@ -12,14 +12,14 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived, ResponseFailed
 
-from navtwist.egress import EgressRefused
-from navtwist.exchange import UpstreamStatus
-from navtwist.hooks import InferenceRequest, Watch
-from navtwist.usage import UsageMeter
+from navtwist.outcome import Refusal
+from navtwist.upstream.exchange import UpstreamStatus
+from navtwist.inference.hooks import InferenceRequest, Watch
+from navtwist.inference.usage import UsageMeter
 
 
 class MetricsSink(Protocol):
-    """The part of L{navtwist.metrics.Metrics} the inference path reports to."""
+    """The part of L{navtwist.service.metrics.Metrics} the inference path reports to."""
 
     def request_finished(self, record: dict[str, Any]) -> None: ...
 
@@ -32,8 +32,8 @@ class MetricsSink(Protocol):
 
 def failure_kind(failure: Failure, timed_out: bool) -> str:
     """A bounded name for why an upstream call failed."""
-    if failure.check(EgressRefused):
-        return {"upstream_unreachable": "connect", "upstream_timeout": "timeout"}.get(failure.value.error, "other")
+    if failure.check(Refusal):
+        return {"upstream_unreachable": "connect", "upstream_timeout": "timeout"}.get(failure.value.code, "other")
     if timed_out or failure.check(TimeoutError, CancelledError):
         return "timeout"
     if failure.check(ConnectError, DNSLookupError):
@@ -55,7 +55,7 @@ class MetricsListener:
         self._metrics = metrics
 
     def attempt_failed(self, failure: Failure, timed_out: bool) -> None:
-        refusal = failure.value if failure.check(EgressRefused) else None
+        refusal = failure.value if failure.check(Refusal) else None
         if refusal is not None and refusal.status < 500:
             return  # the proxy refused the destination: no upstream was involved
         self._metrics.upstream_error(failure_kind(failure, timed_out))

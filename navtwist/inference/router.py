@@ -25,16 +25,17 @@ from twisted.web.server import Request
 from treq.client import HTTPClient
 from zope.interface import implementer
 
-from navtwist import errors
+from navtwist.inference import errors
 from navtwist.config import Route
 from navtwist.interfaces import IProviderProfile
-from navtwist.mock import MockAgent
-from navtwist.protocols import STREAMING_PROTOCOLS
-from navtwist.providers import get_provider
-from navtwist.endpoints import UpstreamEndpoints
-from navtwist.exchange import Attempt, Deadlines, Exchange, RouteBusy
-from navtwist.hooks import InferenceRequest, run_request_hooks
-from navtwist.observe import MetricsListener, MetricsSink, Observation
+from navtwist.inference.mock import MockAgent
+from navtwist.inference.protocols import STREAMING_PROTOCOLS
+from navtwist.inference.providers import get_provider
+from navtwist.upstream.body import BytesProducer
+from navtwist.upstream.endpoints import UpstreamEndpoints
+from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, RouteBusy
+from navtwist.inference.hooks import InferenceRequest, run_request_hooks
+from navtwist.inference.observe import MetricsListener, MetricsSink, Observation
 
 log = Logger(namespace="navtwist.router")
 
@@ -89,28 +90,6 @@ def upstream_model(route: Route, requested: str | None) -> str | None:
     if route.passthrough_model and requested:
         return requested
     return route.model or requested
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def make_client(agent: IAgent) -> HTTPClient:

@@ -6,9 +6,9 @@ from urllib.parse import unquote
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from navtwist import errors
-from navtwist.protocols import ANTHROPIC_MESSAGES, MODEL_DISCOVERY, detect
-from navtwist.router import InferenceRouter, client_model, parse_body
+from navtwist.inference import errors
+from navtwist.inference.protocols import ANTHROPIC_MESSAGES, MODEL_DISCOVERY, detect
+from navtwist.inference.router import InferenceRouter, client_model, parse_body
 
 
 def model_object(name: str, anthropic: bool) -> dict:

@@ -1,8 +1,8 @@
 """Provider profiles: how each upstream vendor wants its key, headers and URLs.
 
-The built-in profiles live in the plugin package like any third-party one
-(C{navtwist/plugins/builtin_providers.py}); this module holds the common
-implementation and the lookup by C{provider_type}.
+The built-in profiles are defined here and always present; third-party
+profiles are discovered as L{IProviderProfile} plugins in the
+C{navtwist.plugins} package and may add names (never shadow a built-in).
 """
 from __future__ import annotations
 
@@ -54,15 +54,35 @@ class ProviderProfile:
         return openshell_url(endpoint, uri)
 
 
+_OPENAI_STYLE = frozenset({b"openai-organization", b"openai-project", b"x-model-id"})
+
+BUILTIN: tuple[ProviderProfile, ...] = (
+    ProviderProfile("openai", passthrough_headers=_OPENAI_STYLE),
+    ProviderProfile("nvidia", passthrough_headers=_OPENAI_STYLE),
+    ProviderProfile("deepinfra", passthrough_headers=_OPENAI_STYLE),
+    ProviderProfile(
+        "anthropic",
+        auth_header=b"x-api-key",
+        auth_scheme=b"",
+        passthrough_headers=frozenset({b"anthropic-version", b"anthropic-beta"}),
+        default_headers=((b"anthropic-version", b"2023-06-01"),),
+    ),
+)
+
+
 @cache
 def providers() -> dict[str, IProviderProfile]:
-    """Every provider profile, by name: the built-in ones always, plus what the
-    plugin package holds (a broken or stale plugin cache cannot hide the built-ins)."""
-    import navtwist.plugins
-    from navtwist.plugins import builtin_providers
+    """Every provider profile, by name: the built-in ones, then the plugins'.
 
-    found = {p.name: p for p in vars(builtin_providers).values() if IProviderProfile.providedBy(p)}
-    found.update((profile.name, profile) for profile in getPlugins(IProviderProfile, navtwist.plugins))
+    A plugin cannot replace a built-in profile: a stray dropin must not
+    change where the route's key is sent.
+    """
+    import navtwist.plugins
+
+    found: dict[str, IProviderProfile] = {}
+    for profile in getPlugins(IProviderProfile, navtwist.plugins):
+        found.setdefault(profile.name, profile)
+    found.update((profile.name, profile) for profile in BUILTIN)
     return found
 
 

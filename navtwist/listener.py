@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from typing import Protocol as TypingProtocol
+
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -26,13 +28,21 @@ from zope.interface import implementer
 
 from navtwist.ca import CertificateAuthority
 from navtwist.config import Limits, Timeouts
-from navtwist.egress import Egress, EgressRefused
-from navtwist.head import BadHead, ProxyHead, parse_authority, parse_head
-from navtwist.httpchannel import raw_json_response
-from navtwist.metrics import Metrics
-from navtwist.tunnel import Splice, TunnelUpstreamFactory
+from navtwist.egress.dial import Egress
+from navtwist.outcome import Refusal
+from navtwist.http.head import BadHead, ProxyHead, parse_authority, parse_head
+from navtwist.http.channel import raw_json_response
+from navtwist.egress.tunnel import Splice, TunnelUpstreamFactory
 
 log = Logger(namespace="navtwist.proxy")
+
+
+class TunnelMetrics(TypingProtocol):
+    """What the listener reports about tunnels (the service's metrics provide it)."""
+
+    def tunnel_decision(self, decision: str) -> None: ...
+
+    def tunnel_bytes(self, up: int, down: int) -> None: ...
 
 INFERENCE_HOST = "inference.local"
 INFERENCE_PORT = 443
@@ -178,13 +188,13 @@ class ProxyProtocol(Protocol):
         self._dialing = None
         if failure.check(CancelledError):
             return  # the client left while we were dialling
-        refusal = failure.value if failure.check(EgressRefused) else EgressRefused(
+        refusal = failure.value if failure.check(Refusal) else Refusal(
             502, "upstream_unreachable", "cannot connect to the destination")
-        if not failure.check(EgressRefused):
+        if not failure.check(Refusal):
             log.failure("tunnel setup failed for {label}", failure, label=label)
-        log.info("{label} refused: {error}", label=label, error=refusal.error)
-        self._count_tunnel(refusal.error if refusal.error in ("policy_denied", "ssrf_denied") else "failed")
-        self._refuse(refusal.status, refusal.error, refusal.detail)
+        log.info("{label} refused: {error}", label=label, error=refusal.code)
+        self._count_tunnel(refusal.code if refusal.code in ("policy_denied", "ssrf_denied") else "failed")
+        self._refuse(refusal.status, refusal.code, refusal.message)
 
     def _count_tunnel(self, decision: str) -> None:
         if self._factory.metrics is not None:
@@ -262,7 +272,7 @@ class ProxyFactory(Factory):
         limits: Limits,
         timeouts: Timeouts,
         clock: IReactorTime,
-        metrics: Metrics | None = None,
+        metrics: TunnelMetrics | None = None,
     ) -> None:
         self.ca = ca
         self.metrics = metrics

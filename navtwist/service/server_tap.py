@@ -11,24 +11,24 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent
 
-from navtwist.admin import make_admin_site
+from navtwist.service.admin import make_admin_site
 from navtwist.ca import CAError, CertificateAuthority
 from navtwist.config import Config, ConfigError, load_config, with_overrides
-from navtwist.dispatch import InferenceDispatcher
-from navtwist.drain import DrainService
-from navtwist.egress import Egress
-from navtwist.endpoints import UpstreamEndpoints
-from navtwist.forward import ForwardResource
-from navtwist.httpchannel import HardenedSite
-from navtwist.intercept import InterceptSite
-from navtwist.logs import twistd_service
-from navtwist.metrics import Metrics
-from navtwist.observe import MetricsListener
-from navtwist.exchange import Deadlines
-from navtwist.proxy import ProxyFactory
-from navtwist.reload import ConfigReloader
-from navtwist.hooks import select
-from navtwist.router import Extensions, InferenceRouter, UpstreamClients
+from navtwist.inference.dispatch import InferenceDispatcher
+from navtwist.service.drain import DrainService
+from navtwist.egress.dial import Egress
+from navtwist.upstream.endpoints import UpstreamEndpoints
+from navtwist.egress.forward import ForwardResource
+from navtwist.http.channel import HardenedSite
+from navtwist.http.sites import InterceptSite
+from navtwist.service.logs import twistd_service
+from navtwist.service.metrics import Metrics
+from navtwist.inference.observe import MetricsListener
+from navtwist.upstream.exchange import Deadlines
+from navtwist.listener import ProxyFactory
+from navtwist.service.reload import ConfigReloader
+from navtwist.inference.hooks import select
+from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClients
 
 log = Logger(namespace="navtwist")
 

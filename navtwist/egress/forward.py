@@ -18,12 +18,13 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from navtwist.egress import Egress, EgressRefused
-from navtwist.errors import write_json
-from navtwist.policy import IPAddress
-from navtwist.exchange import Attempt, Deadlines, Exchange, ExchangeListener
-from navtwist.relay import HOP_BY_HOP
-from navtwist.router import BytesProducer
+from navtwist.egress.dial import Egress
+from navtwist.outcome import Refusal
+from navtwist.inference.errors import write_json
+from navtwist.egress.policy import IPAddress
+from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
+from navtwist.upstream.relay import HOP_BY_HOP
+from navtwist.upstream.body import BytesProducer
 
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
 
@@ -43,14 +44,14 @@ def forwarded_headers(client: Headers, authority: bytes) -> Headers:
     return out
 
 
-def _failure_refusal(failure: Failure, timed_out: bool) -> EgressRefused:
-    if failure.check(EgressRefused):
+def _failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
+    if failure.check(Refusal):
         return failure.value
     if timed_out or failure.check(TimeoutError):
-        return EgressRefused(504, "upstream_timeout", "the destination did not answer in time")
+        return Refusal(504, "upstream_timeout", "the destination did not answer in time")
     if failure.check(ConnectError, DNSLookupError):
-        return EgressRefused(502, "upstream_unreachable", "cannot connect to the destination")
-    return EgressRefused(502, "upstream_error", "the destination sent an invalid response")
+        return Refusal(502, "upstream_unreachable", "cannot connect to the destination")
+    return Refusal(502, "upstream_error", "the destination sent an invalid response")
 
 
 class ForwardResource(Resource):
@@ -94,8 +95,8 @@ class ForwardResource(Resource):
     def _forward(self, request: Request, target: SplitResult, port: int) -> None:
         def fail(failure: Failure, timed_out: bool) -> str:
             refusal = _failure_refusal(failure, timed_out)
-            write_refusal(request, refusal.status, refusal.error, refusal.detail)
-            return refusal.error
+            write_refusal(request, refusal.status, refusal.code, refusal.message)
+            return refusal.code
 
         exchange = Exchange(
             request,

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from navtwist.metrics import Metrics
+from navtwist.service.metrics import Metrics
 
 log = Logger(namespace="navtwist.admin")
 
