@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 navtwist = ServiceMaker(
     "navtwist",
-    "navtwist.server_tap",
+    "navtwist.service.server_tap",
     "Egress proxy for AI-agent sandboxes with streaming inference.local interception",
     "navtwist",
 )
