@@ -3,6 +3,10 @@
 - C{CONNECT inference.local:443} is answered by navtwist itself: 200, then TLS
   with a leaf from our CA, then twisted.web's HTTP/1.1 channel serving the
   inference dispatcher on the decrypted bytes.
+- C{CONNECT host:port} to a host listed in C{policy.intercept} is answered the
+  same way, with a leaf for that host; its requests are checked against the
+  entry's rules and sent to the origin (or, for C{inference: true} entries,
+  served by the inference dispatcher as inference.local is).
 - C{CONNECT host:port} to a destination the policy allows becomes a tunnel.
 - An absolute-form C{http://} request hands the connection to the forwarding
   HTTP/1.1 channel (keep-alive), which checks each request's destination.
@@ -10,6 +14,7 @@
 """
 from __future__ import annotations
 
+import enum
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -27,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from navtwist.ca import CertificateAuthority
+from navtwist.decisions import ALLOW, DENY, DecisionLog, DecisionRecord
 from navtwist.config import Limits, Timeouts
 from navtwist.egress.dial import Egress
 from navtwist.outcome import Refusal
@@ -53,25 +59,63 @@ def proxy_error(status: int, error: str, detail: str) -> bytes:
     return raw_json_response(status, {"error": error, "detail": detail})
 
 
+class Mode(enum.Enum):
+    """What a client connection is doing; every change goes through L{ProxyProtocol._enter}."""
+
+    HEAD = "head"  # reading the first request head
+    DIALING = "dialing"  # a CONNECT being checked and dialled; client reads paused
+    TUNNEL = "tunnel"  # bytes spliced to the destination
+    HTTP = "http"  # served by an inner HTTP/1.1 channel (intercepted TLS or http:// forwarding)
+    CLOSING = "closing"  # refused or finished: whatever else arrives is ignored
+
+
+# Allowed transitions: a connection only ever moves forward.
+_TRANSITIONS = {
+    Mode.HEAD: {Mode.DIALING, Mode.HTTP, Mode.CLOSING},
+    Mode.DIALING: {Mode.TUNNEL, Mode.CLOSING},
+    Mode.TUNNEL: {Mode.CLOSING},
+    Mode.HTTP: {Mode.CLOSING},
+    Mode.CLOSING: {Mode.CLOSING},
+}
+
+
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ProxyProtocol(Protocol):
     """One client connection to the proxy.
 
-    Until the first head is complete this protocol parses it; afterwards it
-    passes bytes to the inner HTTP channel (interception, forwarding) or to
-    the tunnel's splice.
+    In L{Mode.HEAD} this protocol parses the first head; afterwards it passes
+    bytes to the inner HTTP channel (L{Mode.HTTP}) or to the tunnel's splice
+    (L{Mode.TUNNEL}).  The inner channel, the splice and the pending dial
+    exist only in their mode.
     """
 
     def __init__(self, factory: ProxyFactory) -> None:
         self._factory = factory
+        self._mode = Mode.HEAD
         self._buffer = b""
-        self._inner: IProtocol | None = None
-        self._splice: Splice | None = None
-        self._dialing: Deferred | None = None
+        self._inner: IProtocol | None = None  # in Mode.HTTP
+        self._splice: Splice | None = None  # in Mode.DIALING (waiting) and Mode.TUNNEL
+        self._dialing: Deferred | None = None  # in Mode.DIALING
         self._head_call: IDelayedCall | None = None
         self._tls_call: IDelayedCall | None = None
         self._counted = False
-        self._decided = False
+        self._decision: DecisionRecord | None = None  # a tunnel's, written when it ends
+        self._tunnel_started = 0.0
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def _enter(self, mode: Mode) -> None:
+        """The one place the mode changes."""
+        if mode not in _TRANSITIONS[self._mode]:
+            raise AssertionError(f"listener cannot go from {self._mode.name} to {mode.name}")
+        self._mode = mode
+        if mode is not Mode.HEAD:
+            self._cancel(self._head_call)
+            self._head_call = None
+        if mode is not Mode.DIALING:
+            self._dialing = None
 
     def connectionMade(self) -> None:
         factory = self._factory
@@ -88,13 +132,15 @@ class ProxyProtocol(Protocol):
         self._head_call = factory.clock.callLater(factory.timeouts.head_read, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._inner is not None:
+        if self._mode is Mode.HTTP:
+            assert self._inner is not None
             self._inner.dataReceived(data)
             return
-        if self._splice is not None:
+        if self._mode is Mode.TUNNEL:
+            assert self._splice is not None
             self._splice.from_client(data)
             return
-        if self._decided:
+        if self._mode is not Mode.HEAD:
             return
         self._buffer += data
         limit = self._factory.limits.max_head_bytes
@@ -108,8 +154,6 @@ class ProxyProtocol(Protocol):
             return
         head, rest = self._buffer[:end], self._buffer[end + 4:]
         self._buffer = b""
-        self._cancel(self._head_call)
-        self._head_call = None
         try:
             parsed = parse_head(head)
         except BadHead as e:
@@ -134,20 +178,41 @@ class ProxyProtocol(Protocol):
                 self._refuse(400, "bad_request", "not a proxy request: expected CONNECT or an absolute http:// URI")
             return
         host, port = parse_authority(head.target)
-        if host == INFERENCE_HOST and port == INFERENCE_PORT:
-            self._intercept(host, rest)
-        else:
-            self._tunnel(host, port, rest)
-
-    def _intercept(self, host: str, rest: bytes) -> None:
-        """Answer the CONNECT ourselves and serve HTTP/1.1 inside our own TLS."""
-        self._decided = True
         factory = self._factory
+        if host == INFERENCE_HOST and port == INFERENCE_PORT:
+            self._intercept(host, port, factory.site, rest)
+            return
+        entry = factory.egress.policy.intercept_for(host, port)
+        if entry is None:
+            self._tunnel(host, port, rest)
+        elif entry.inference:
+            self._intercept(host, port, factory.site, rest)
+        else:
+            self._intercept(host, port, factory.intercept_site, rest)
+
+    def _intercept(self, host: str, port: int, site: IProtocolFactory, rest: bytes) -> None:
+        """Answer the CONNECT ourselves and serve HTTP/1.1 inside our own TLS.
+
+        The TLS options are made before the client hears C{200}: a CA that
+        cannot issue a leaf (expired, say) is a 502 the client can read, not
+        an accepted CONNECT followed by a dropped connection.
+        """
+        factory = self._factory
+        try:
+            options = factory.ca.server_options(host)
+        except Exception:
+            log.failure("cannot issue a certificate for {host}", host=host)
+            self._refuse(502, "intercept_unavailable", "the proxy cannot present a certificate for this host")
+            return
+        self._enter(Mode.HTTP)
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        self.transport.startTLS(factory.ca.server_options(host))
+        self.transport.startTLS(options)
         self._tls_call = factory.clock.callLater(factory.timeouts.tls_handshake, self._tls_timed_out)
-        self._inner = factory.site.buildProtocol(self.transport.getPeer())
-        self._inner.makeConnection(self.transport)
+        inner = site.buildProtocol(self.transport.getPeer())
+        # The origin a request inside this TLS is for (the CONNECT's authority, not its Host header).
+        inner.intercepted = (host, port)
+        self._inner = inner
+        inner.makeConnection(self.transport)
         if rest:
             # Ciphertext that arrived together with the CONNECT head belongs
             # to the TLS layer that now sits in front of this protocol.
@@ -155,14 +220,14 @@ class ProxyProtocol(Protocol):
 
     def _forward(self, data: bytes) -> None:
         """Serve this connection with the forwarding HTTP/1.1 channel, head included."""
-        self._decided = True
+        self._enter(Mode.HTTP)
         self._inner = self._factory.forward_site.buildProtocol(self.transport.getPeer())
         self._inner.makeConnection(self.transport)
         self._inner.dataReceived(data)
 
     def _tunnel(self, host: str, port: int, rest: bytes) -> None:
         """Check, resolve and dial the destination, then splice the two connections."""
-        self._decided = True
+        self._enter(Mode.DIALING)
         factory = self._factory
         # Nothing more is read from the client until the tunnel is open: bytes
         # it sends early wait in the kernel, not in our memory.
@@ -170,13 +235,21 @@ class ProxyProtocol(Protocol):
         splice = Splice(self.transport, factory.clock, factory.timeouts.write_stall)
         label = f"CONNECT {host}:{port}"
         # Set before the callbacks: a refusal may fire them at once.
+        peer = self.transport.getPeer()
+        self._decision = DecisionRecord(
+            kind="tunnel", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", host=host, port=port,
+            decision=DENY, entry="policy.allow", method="CONNECT",
+        )
+        self._tunnel_started = factory.clock.seconds()
         self._dialing = dialing = factory.egress.destination(host, port, label)
         dialing.addCallback(factory.egress.connect, port, TunnelUpstreamFactory(splice))
         dialing.addCallbacks(self._tunnel_open, self._tunnel_refused, (splice, rest), None, (label,))
 
     def _tunnel_open(self, upstream: IProtocol, splice: Splice, rest: bytes) -> None:
-        self._dialing = None
+        self._enter(Mode.TUNNEL)
         self._count_tunnel("allowed")
+        if self._decision is not None:
+            self._decision.decision, self._decision.status = ALLOW, 200
         log.info("tunnel open: {peer} → {upstream}", peer=str(self.transport.getPeer()),
                  upstream=str(upstream.transport.getPeer()))
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -185,7 +258,7 @@ class ProxyProtocol(Protocol):
         self.transport.resumeProducing()
 
     def _tunnel_refused(self, failure: Failure, label: str) -> None:
-        self._dialing = None
+        self._splice = None
         if failure.check(CancelledError):
             return  # the client left while we were dialling
         refusal = failure.value if failure.check(Refusal) else Refusal(
@@ -194,7 +267,17 @@ class ProxyProtocol(Protocol):
             log.failure("tunnel setup failed for {label}", failure, label=label)
         log.info("{label} refused: {error}", label=label, error=refusal.code)
         self._count_tunnel(refusal.code if refusal.code in ("policy_denied", "ssrf_denied") else "failed")
+        if self._decision is not None:
+            self._decision.reason, self._decision.status = refusal.code, refusal.status
+            self._write_decision()
         self._refuse(refusal.status, refusal.code, refusal.message)
+
+    def _write_decision(self) -> None:
+        decision, self._decision = self._decision, None
+        if decision is not None and self._factory.decisions is not None:
+            now = self._factory.clock.seconds()
+            decision.duration_ms = round((now - self._tunnel_started) * 1000, 1)
+            self._factory.decisions.record(decision, now)
 
     def _count_tunnel(self, decision: str) -> None:
         if self._factory.metrics is not None:
@@ -202,7 +285,8 @@ class ProxyProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         """The client sent FIN: a tunnel passes it on; HTTP modes close."""
-        if self._splice is not None:
+        if self._mode is Mode.TUNNEL:
+            assert self._splice is not None
             self._splice.client_eof()
         else:
             self.transport.loseConnection()
@@ -212,9 +296,9 @@ class ProxyProtocol(Protocol):
 
     def busy(self) -> bool:
         """Whether this connection carries work that a graceful stop should let finish."""
-        if self._splice is not None or self._dialing is not None:
+        if self._mode in (Mode.TUNNEL, Mode.DIALING):
             return True
-        return bool(getattr(self._inner, "requests", None))
+        return self._mode is Mode.HTTP and bool(getattr(self._inner, "requests", None))
 
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)
@@ -230,9 +314,7 @@ class ProxyProtocol(Protocol):
         self.transport.abortConnection()
 
     def _refuse(self, status: int, error: str, detail: str) -> None:
-        self._decided = True
-        self._cancel(self._head_call)
-        self._head_call = None
+        self._enter(Mode.CLOSING)
         self.transport.write(proxy_error(status, error, detail))
         self.transport.loseConnection()
 
@@ -243,12 +325,16 @@ class ProxyProtocol(Protocol):
             self._factory.active -= 1
             self._factory.protocols.discard(self)
             self._counted = False
-        if self._dialing is not None:
-            self._dialing.cancel()
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.cancel()
         if self._splice is not None:
             self._splice.close()
             if self._factory.metrics is not None:
                 self._factory.metrics.tunnel_bytes(self._splice.bytes_up, self._splice.bytes_down)
+            if self._decision is not None and self._decision.decision == ALLOW:
+                self._decision.bytes_up, self._decision.bytes_down = self._splice.bytes_up, self._splice.bytes_down
+                self._write_decision()
         if self._inner is not None:
             self._inner.connectionLost(reason)
 
@@ -273,11 +359,16 @@ class ProxyFactory(Factory):
         timeouts: Timeouts,
         clock: IReactorTime,
         metrics: TunnelMetrics | None = None,
+        *,
+        intercept_site: IProtocolFactory,
+        decisions: DecisionLog | None = None,
     ) -> None:
         self.ca = ca
         self.metrics = metrics
         self.site = site
         self.forward_site = forward_site
+        self.intercept_site = intercept_site
+        self.decisions = decisions
         self.egress = egress
         self.limits = limits
         self.timeouts = timeouts

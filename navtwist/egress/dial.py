@@ -64,20 +64,23 @@ class Egress:
         self.policy = policy
         self._connect_timeout = connect_timeout
 
-    def destination(self, host: str, port: int, label: str) -> Deferred[IPAddress]:
+    def destination(self, host: str, port: int, label: str, intercepted: bool = False) -> Deferred[IPAddress]:
         """The one address to dial for C{host:port}, or an L{Refusal} failure.
 
         C{label} names the request in refusals, e.g. C{"CONNECT h:443"}.
+        C{intercepted} destinations are permitted by their C{policy.intercept}
+        entry instead of C{policy.allow}; the SSRF guard is the same.
         """
         try:
             name = normalize_host(host)
         except ValueError as e:
             return fail(Refusal(400, "bad_request", str(e)))
-        if not self.policy.allows(name, port):
+        permitted = self.policy.intercept_for(name, port) is not None if intercepted else self.policy.allows(name, port)
+        if not permitted:
             return fail(Refusal(403, "policy_denied", f"{label} not permitted by policy"))
         literal = parse_ip(name)
         if literal is not None:
-            # allows() matched an entry naming this IP literally: that is the exemption.
+            # The entry that permitted it names this IP literally: that is the exemption.
             return succeed(literal)
         receiver = _Addresses()
         self._resolver.resolveHostName(receiver, name, port)

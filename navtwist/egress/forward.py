@@ -44,7 +44,7 @@ def forwarded_headers(client: Headers, authority: bytes) -> Headers:
     return out
 
 
-def _failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
+def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     if failure.check(Refusal):
         return failure.value
     if timed_out or failure.check(TimeoutError):
@@ -94,7 +94,7 @@ class ForwardResource(Resource):
 
     def _forward(self, request: Request, target: SplitResult, port: int) -> None:
         def fail(failure: Failure, timed_out: bool) -> str:
-            refusal = _failure_refusal(failure, timed_out)
+            refusal = failure_refusal(failure, timed_out)
             write_refusal(request, refusal.status, refusal.code, refusal.message)
             return refusal.code
 

@@ -192,8 +192,10 @@ class HardenedChannel(HTTPChannel):
             self.refuse(MALFORMED)
 
     def _send100Continue(self) -> None:
-        # A request refused on its declared length must not be told to go on.
-        if not self.refused:
+        # A request refused on its declared length must not be told to go on,
+        # nor one already answered (a streaming request is rendered first).
+        answered = not self.requests or self.requests[-1].startedWriting
+        if not self.refused and not answered:
             super()._send100Continue()
 
     def timeoutConnection(self) -> None:

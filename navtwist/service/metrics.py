@@ -13,6 +13,7 @@ one of each method.
 from __future__ import annotations
 
 import functools
+import re
 import math
 from typing import Any, Callable, Concatenate, Iterable, Mapping, ParamSpec
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from twisted.logger import Logger
 
 from navtwist.inference import errors
+from navtwist.decisions import DECISIONS
 from navtwist.inference.protocols import PROTOCOLS
 from navtwist.upstream.relay import CLIENT_GONE, CLIENT_STALLED, OK, TIMEOUT, UPSTREAM_ERROR, UPSTREAM_IDLE
 
@@ -46,6 +48,9 @@ OUTCOMES = frozenset(
         "policy_denied", "ssrf_denied", "upstream_unreachable", "upstream_timeout", "bad_request",
     }
 )
+
+# Config entries that decide: policy.allow, policy.intercept[N], none.
+_ENTRY = re.compile(r"policy\.allow|policy\.intercept\[\d{1,4}\]|none")
 
 TUNNEL_DECISIONS = ("allowed", "policy_denied", "ssrf_denied", "failed", OTHER)
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "tls", "protocol", "status", OTHER)
@@ -115,6 +120,10 @@ class Metrics:
         self._tokens = Counter(
             "navtwist_tokens_total", "Tokens reported by upstream usage.", ("route", "direction"), registry=reg,
         )
+        self._decisions = Counter(
+            "navtwist_decisions_total", "Egress decisions, by the config entry that decided and the verdict.",
+            ("entry", "decision"), registry=reg,
+        )
         self._active_streams = Gauge(
             "navtwist_active_streams", "Response bodies being relayed now.", registry=reg,
         )
@@ -176,6 +185,12 @@ class Metrics:
     @_guarded
     def tunnel_decision(self, decision: str) -> None:
         self._tunnels[_label(decision, TUNNEL_DECISIONS)].inc()
+
+    @_guarded
+    def decision(self, entry: str, decision: str) -> None:
+        """One egress decision; C{entry} is a config path (bounded by the config's size)."""
+        entry = entry if _ENTRY.fullmatch(entry) else OTHER
+        self._decisions.labels(entry, _label(decision, DECISIONS)).inc()
 
     @_guarded
     def tunnel_bytes(self, up: int, down: int) -> None:

@@ -15,6 +15,10 @@ from navtwist.service.admin import make_admin_site
 from navtwist.ca import CAError, CertificateAuthority
 from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.inference.dispatch import InferenceDispatcher
+from navtwist.decisions import DecisionLog
+from navtwist.http.streaming import StreamingRequest
+from navtwist.intercept.origin import OriginClients
+from navtwist.intercept.resource import InterceptResource
 from navtwist.service.drain import DrainService
 from navtwist.egress.dial import Egress
 from navtwist.upstream.endpoints import UpstreamEndpoints
@@ -115,12 +119,28 @@ def make_service(
         MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
-    factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics)
+    decisions = DecisionLog(config.audit_log, metrics)
+    origins = OriginClients(reactor, timeouts.connect)
+    intercept = InterceptResource(
+        lambda: egress.policy,
+        egress,
+        origins,
+        reactor,
+        Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
+        decisions,
+        MetricsListener(metrics),
+    )
+    intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
+    factory = ProxyFactory(
+        ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics,
+        intercept_site=intercept_site, decisions=decisions,
+    )
 
     top = service.MultiService()
     strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
+    _UpstreamPoolService(origins).setServiceParent(top)
     if config.admin_listen is not None:
 
         def readiness() -> dict[str, bool]:

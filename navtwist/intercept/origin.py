@@ -1,0 +1,86 @@
+"""Connections from navtwist to the origins of intercepted hosts.
+
+Each request is dialled to the address the egress guard checked, with TLS
+verified for the host name the client asked for (SNI and certificate name),
+against the system trust store or the entry's C{upstream_ca}.  Connections
+are pooled per (host, port, address, trust): never shared between two names,
+so one name's connection can never carry another name's request.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+from navtwist.egress.policy import IPAddress
+
+# Distinct (host, port, address, trust) keys kept with an open pool; the least
+# recently used one is closed beyond this.
+MAX_ORIGINS = 256
+
+
+def load_trust(upstream_ca: tuple[bytes, ...]) -> object:
+    """The trust root for an origin: the system store, or the entry's C{upstream_ca} certificates."""
+    if not upstream_ca:
+        return platformTrust()
+    return trustRootFromCertificates([Certificate.loadPEM(pem) for pem in upstream_ca])
+
+
+@implementer(IAgentEndpointFactory)
+class _PinnedEndpoints:
+    """Every URI goes to one checked address, with TLS for the URI's host name."""
+
+    def __init__(self, reactor: object, address: IPAddress, host: str, trust: object, timeout: float) -> None:
+        self._reactor = reactor
+        self._address = address
+        self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])
+        self._timeout = timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        kind = TCP6ClientEndpoint if self._address.version == 6 else TCP4ClientEndpoint
+        return wrapClientTLS(self._tls, kind(self._reactor, str(self._address), uri.port, timeout=self._timeout))
+
+
+class OriginClients:
+    """One Agent and connection pool per (host, port, address, trusted certificates).
+
+    The certificates were read when the config was loaded, so a reload that
+    changes an entry's C{upstream_ca} reaches new connections by itself.
+    """
+
+    def __init__(self, reactor: object, connect_timeout: float, idle_per_origin: int = 4) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._idle = idle_per_origin
+        self._agents: OrderedDict[tuple[str, int, str, tuple[bytes, ...]], tuple[IAgent, HTTPConnectionPool]] = (
+            OrderedDict())
+
+    def agent_for(self, host: str, port: int, address: IPAddress, upstream_ca: tuple[bytes, ...]) -> IAgent:
+        key = (host, port, str(address), upstream_ca)
+        found = self._agents.get(key)
+        if found is not None:
+            self._agents.move_to_end(key)
+            return found[0]
+        trust = load_trust(upstream_ca)
+        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool.maxPersistentPerHost = self._idle
+        pool.retryAutomatically = False  # a streamed body cannot be sent twice
+        agent = Agent.usingEndpointFactory(
+            self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout), pool=pool
+        )
+        self._agents[key] = (agent, pool)
+        while len(self._agents) > MAX_ORIGINS:
+            _, (_, old) = self._agents.popitem(last=False)
+            old.closeCachedConnections()
+        return agent
+
+    def close(self) -> Deferred[object]:
+        pools = [pool for _, pool in self._agents.values()]
+        self._agents.clear()
+        return DeferredList([pool.closeCachedConnections() for pool in pools])

@@ -1,0 +1,220 @@
+"""Intercepting a listed host: real twistd, real clients, a local HTTPS origin with its own CA.
+
+The origin is reached by IP literal (127.0.0.1), trusted through the entry's
+C{upstream_ca}; clients trust only navtwist's CA.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from conftest import TIMEOUT, Proxy, ProxyStarter
+from egress_servers import Conn, HttpServer, ServerCert, make_server_cert
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def origin_cert(tmp_path: Path) -> ServerCert:
+    return make_server_cert(tmp_path)
+
+
+@pytest.fixture
+def origin(origin_cert: ServerCert) -> Iterator[HttpServer]:
+    server = HttpServer(origin_cert.server_context()).start()
+    yield server
+    server.stop()
+
+
+def _entry(port: int, cert: ServerCert, **extra: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": port, "upstream_ca": str(cert.cert_path), **extra}
+
+
+def _rules_entry(port: int, cert: ServerCert, **extra: Any) -> dict[str, Any]:
+    return _entry(
+        port, cert, access="read-only", deny_reason="ask the operator",
+        rules=[{"deny": {"method": "*", "path": "/secret/**"}},
+               {"allow": {"method": ["POST"], "path": "/repos/acme/*/git-upload-pack"}}],
+        **extra,
+    )
+
+
+def _start(start_proxy: ProxyStarter, entries: list[dict[str, Any]]) -> Proxy:
+    return start_proxy({"routes": [], "policy": {"intercept": entries}})
+
+
+def _curl(proxy: Proxy, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", str(TIMEOUT), "-x", proxy.url, "--cacert", str(proxy.ca_path),
+         "-w", "\n%{http_code}", *args, url],
+        capture_output=True, text=True, timeout=TIMEOUT + 5,
+    )
+
+
+def _decisions(proxy: Proxy) -> list[str]:
+    return [line for line in proxy.log_text().splitlines() if "decision " in line]
+
+
+def test_curl_get_is_allowed_and_reaches_the_origin_with_its_own_host(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_rules_entry(origin.port, origin_cert)])
+    result = _curl(proxy, f"https://127.0.0.1:{origin.port}/repos/acme/x?token=s3cret")
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "200", result
+    assert json.loads(body)["path"] == "/repos/acme/x?token=s3cret"
+    [seen] = origin.seen
+    assert seen.header("host") == [f"127.0.0.1:{origin.port}"]
+    assert not seen.header("proxy-authorization")
+    log = proxy.wait_for_log("decision allow request")
+    assert "s3cret" not in log and "token=REDACTED" in log
+
+
+def test_denied_request_gets_the_agent_readable_403_and_never_reaches_the_origin(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_rules_entry(origin.port, origin_cert)])
+    result = _curl(proxy, f"https://127.0.0.1:{origin.port}/gists", "-X", "POST", "-d", "x=1", "-D", "-")
+    head_and_body, status = result.stdout.rsplit("\n", 1)
+    assert status == "403", result
+    assert "x-navtwist-error: l7_denied" in head_and_body.lower()
+    document = json.loads(head_and_body.split("\r\n\r\n", 1)[1])
+    assert document == {"error": "l7_denied", "detail": "POST 127.0.0.1/gists not permitted by policy",
+                        "reason": "ask the operator"}
+    denied = _curl(proxy, f"https://127.0.0.1:{origin.port}/secret/a/b")
+    assert denied.stdout.rsplit("\n", 1)[1] == "403"
+    assert origin.seen == []
+    proxy.wait_for_log("decision deny request")
+
+
+def test_connection_stays_usable_after_a_denial(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_rules_entry(origin.port, origin_cert)])
+    context = ssl.create_default_context(cafile=str(proxy.ca_path))
+    with Conn.open(proxy.port) as conn:
+        conn.send(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+        assert conn.response(bodyless=True).status == 200
+        conn.start_tls(context, "127.0.0.1")
+        host = f"Host: 127.0.0.1:{origin.port}\r\n".encode()
+        conn.send(b"POST /gists HTTP/1.1\r\n" + host + b"Content-Length: 5\r\n\r\nhello")
+        assert conn.response().status == 403
+        conn.send(b"GET /ok HTTP/1.1\r\n" + host + b"\r\n")
+        second = conn.response()
+        assert second.status == 200 and second.json()["path"] == "/ok"
+    assert [seen.path for seen in origin.seen] == ["/ok"]
+
+
+def test_audit_mode_lets_a_would_be_denial_through_and_logs_it(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_rules_entry(origin.port, origin_cert, mode="audit")])
+    result = _curl(proxy, f"https://127.0.0.1:{origin.port}/gists", "-X", "POST", "-d", "x=1")
+    assert result.stdout.rsplit("\n", 1)[1] == "200", result
+    assert [seen.path for seen in origin.seen] == ["/gists"]
+    proxy.wait_for_log("decision would_deny request")
+
+
+def test_requests_library_through_an_intercepted_host(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_rules_entry(origin.port, origin_cert)])
+    with requests.Session() as session:
+        session.proxies = {"https": proxy.url}
+        session.verify = str(proxy.ca_path)
+        url = f"https://127.0.0.1:{origin.port}"
+        ok = session.post(f"{url}/repos/acme/widget/git-upload-pack", data=b"want", timeout=TIMEOUT)
+        assert ok.status_code == 200 and ok.json()["body"] == "want"
+        denied = session.delete(f"{url}/repos/acme/widget", timeout=TIMEOUT)
+        assert denied.status_code == 403 and denied.headers["x-navtwist-error"] == "l7_denied"
+        assert session.get(f"{url}/stream", timeout=TIMEOUT).text == "".join(f"part-{i}\n" for i in range(5))
+
+
+def test_origin_with_an_untrusted_certificate_is_refused(
+    start_proxy: ProxyStarter, origin: HttpServer, tmp_path: Path
+) -> None:
+    (tmp_path / "other").mkdir()
+    other = make_server_cert(tmp_path / "other")
+    proxy = _start(start_proxy, [_entry(origin.port, other, access="full")])
+    result = _curl(proxy, f"https://127.0.0.1:{origin.port}/x")
+    assert result.stdout.rsplit("\n", 1)[1] == "502", result
+    assert origin.seen == []
+
+
+def test_entry_without_rules_or_preset_denies_everything(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_entry(origin.port, origin_cert)])
+    assert _curl(proxy, f"https://127.0.0.1:{origin.port}/x").stdout.rsplit("\n", 1)[1] == "403"
+    assert origin.seen == []
+
+
+class _Counting(BaseHTTPRequestHandler):
+    """Reads a request body without keeping it and answers with its size."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_POST(self) -> None:
+        size = 0
+        if "chunked" in self.headers.get("transfer-encoding", ""):
+            while chunk := int(self.rfile.readline().split(b";")[0], 16):
+                size += len(self.rfile.read(chunk))
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            remaining = int(self.headers.get("content-length", "0"))
+            while remaining:
+                got = len(self.rfile.read(min(remaining, 1 << 20)))
+                assert got
+                size += got
+                remaining -= got
+        payload = json.dumps({"received": size}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_large_upload_streams_with_flat_proxy_memory(
+    start_proxy: ProxyStarter, origin_cert: ServerCert
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    tls = origin_cert.server_context()
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-write")])
+        size = 256 * 1024 * 1024
+        block = b"x" * (1 << 20)
+        before = proxy.rss_bytes()
+        peak = [before]
+
+        def body() -> Iterator[bytes]:
+            for i in range(size // len(block)):
+                if i % 16 == 0:
+                    peak[0] = max(peak[0], proxy.rss_bytes())
+                yield block
+
+        response = requests.post(
+            f"https://127.0.0.1:{port}/upload", data=body(), proxies={"https": proxy.url},
+            verify=str(proxy.ca_path), timeout=60, headers={"content-length": str(size)},
+        )
+        assert response.status_code == 200 and response.json() == {"received": size}
+        assert peak[0] - before < 40 * 1024 * 1024, f"proxy RSS grew {(peak[0] - before) >> 20} MiB"
+    finally:
+        server.shutdown()
+        server.server_close()
