@@ -17,12 +17,15 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 # A dependency of hyperlink, which Twisted requires.  Unlike the stdlib
 # "idna" codec (IDNA 2003) it implements IDNA 2008 with UTS 46 mapping, as
 # curl and browsers do, so "faß.de" becomes the name they would look up.
 import idna
+
+if TYPE_CHECKING:
+    from navtwist.l7rules import InterceptEntry
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -134,9 +137,10 @@ class AllowRule:
 
 @dataclass(frozen=True)
 class Policy:
-    """The allow-list; the empty policy allows nothing."""
+    """The allow-list and the intercepted hosts; the empty policy allows nothing."""
 
     rules: tuple[AllowRule, ...] = ()
+    intercept: tuple[InterceptEntry, ...] = ()
 
     @classmethod
     def parse(cls, entries: Sequence[object], path: str = "policy.allow") -> Policy:
@@ -168,6 +172,14 @@ class Policy:
         the only way an internal address may be dialled."""
         # Only IP-literal entries can match a host that is an address.
         return self.allows(ip.compressed, port)
+
+    def intercept_for(self, host: str, port: int) -> InterceptEntry | None:
+        """The C{policy.intercept} entry whose rules govern C{host}, as the
+        client wrote it, on C{port}, or None.  Config validation keeps the
+        intercepted and the allowed hosts apart; ask this before L{allows}."""
+        from navtwist.l7rules import find_entry  # l7rules builds on this module
+
+        return find_entry(self.intercept, host, port)
 
 
 def _rule(entry: object) -> AllowRule:
