@@ -19,6 +19,7 @@ import yaml
 
 from navtwist.inference import hooks
 from navtwist.egress.policy import Policy
+from navtwist.intercept.rules import check_overlap, parse_intercept
 from navtwist.inference.protocols import (
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
@@ -103,6 +104,8 @@ class Config:
     plugins: tuple[str, ...] = ()  # request hooks and stream observers to enable, by name
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight work may take to finish
     admin_listen: str | None = None  # endpoint of /healthz, /readyz, /metrics; off when absent
+    ca_name_constraints: bool = True  # limit the CA to inference.local and the intercepted hosts
+    audit_log: str | None = None  # path of the OCSF decision log; off when absent
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -115,7 +118,10 @@ _ROUTE_KEYS = (
     "name", "endpoint", "model", "protocols", "api_key", "api_key_env", "provider_type",
     "models", "passthrough_model", "fallback", "fallback_on", "heartbeat", "max_concurrent",
 ) + _ROUTE_TIMEOUTS
-_TOP_KEYS = ("listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins", "drain_timeout", "admin_listen")
+_TOP_KEYS = (
+    "listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins", "drain_timeout", "admin_listen",
+    "ca_name_constraints", "audit_log",
+)
 
 
 def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = True) -> Config:
@@ -141,6 +147,8 @@ def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = 
         plugins=_plugins(top),
         drain_timeout=_number(top, "drain_timeout", "", defaults["drain_timeout"]),
         admin_listen=_string(top, "admin_listen", "", None),
+        ca_name_constraints=_bool(top, "ca_name_constraints", "", defaults["ca_name_constraints"]),
+        audit_log=_string(top, "audit_log", "", None),
     )
 
 
@@ -326,15 +334,34 @@ def _section(top: Mapping[Any, object], key: str, cls: type[_T], read: Callable[
 def _policy(top: Mapping[Any, object]) -> Policy:
     """The egress allow-list; absent or empty, nothing is allowed."""
     where = "policy.allow"
-    entries = _optional_mapping(top, "policy", ("allow",)).get("allow")
+    section = _optional_mapping(top, "policy", ("allow", "intercept"))
+    entries = section.get("allow")
     if entries is None:
-        return Policy()
+        return _with_intercept(Policy(), section)
     if not isinstance(entries, list):
         raise _type_error(where, "a list", entries)
     try:
-        return Policy.parse(entries, where)
+        policy = Policy.parse(entries, where)
     except ValueError as exc:  # already names the entry, e.g. policy.allow[2]
         raise ConfigError(str(exc)) from None
+    return _with_intercept(policy, section)
+
+
+def _with_intercept(policy: Policy, section: Mapping[Any, object]) -> Policy:
+    """C{policy} with the hosts navtwist intercepts, none of which it may
+    also tunnel; absent or empty, nothing is intercepted."""
+    where = "policy.intercept"
+    entries = section.get("intercept")
+    if entries is None:
+        return policy
+    if not isinstance(entries, list):
+        raise _type_error(where, "a list", entries)
+    try:
+        intercept = parse_intercept(entries, where)
+        check_overlap(intercept, policy.rules, where)
+    except ValueError as exc:  # already names the key path
+        raise ConfigError(str(exc)) from None
+    return replace(policy, intercept=intercept)
 
 
 def _plugins(top: Mapping[Any, object]) -> tuple[str, ...]:

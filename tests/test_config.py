@@ -205,7 +205,7 @@ def test_accepted_endpoints(endpoint: str) -> None:
 ERROR_CASES: list[tuple[str, object, str, str]] = [
     # (id, document, key path, part of the message)
     ("top-not-mapping", ["routes"], "top level", "expected a mapping, got a list"),
-    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts, policy, plugins, drain_timeout, admin_listen)"),
+    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts, policy, plugins, drain_timeout, admin_listen, ca_name_constraints, audit_log)"),
     ("routes-missing", {"listen": "tcp:3128"}, "routes", "required"),
     ("routes-empty", _doc(routes=[]), "routes", "must not be empty"),
     ("routes-mapping", _doc(routes={"name": "x"}), "routes", "expected a list, got a mapping"),
@@ -295,7 +295,7 @@ ERROR_CASES: list[tuple[str, object, str, str]] = [
     ("timeouts-bool", _doc(timeouts={"tls_handshake": False}), "timeouts.tls_handshake", "got a boolean"),
     ("timeouts-string", _doc(timeouts={"write_stall": "60s"}), "timeouts.write_stall", "expected a number"),
     ("policy-list", _doc(policy=["pypi.org:443"]), "policy", "expected a mapping, got a list"),
-    ("policy-unknown", _doc(policy={"deny": []}), "policy.deny", "unknown key (allowed: allow)"),
+    ("policy-unknown", _doc(policy={"deny": []}), "policy.deny", "unknown key (allowed: allow, intercept)"),
     ("policy-allow-string", _doc(policy={"allow": "pypi.org:443"}), "policy.allow", "expected a list, got a string"),
     ("policy-entry-number", _doc(policy={"allow": ["pypi.org:443", 443]}), "policy.allow[1]", "expected a string"),
     ("policy-entry-bad", _doc(policy={"allow": ["pypi.org:443", "*.com:443"]}), "policy.allow[1]", "too broad"),

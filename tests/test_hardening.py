@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.config import Limits, Timeouts
+from navtwist.egress.policy import Policy
 from navtwist.outcome import Refusal
 from navtwist.http.head import BadHead, parse_head
 from navtwist.http.channel import HardenedChannel, HardenedSite
@@ -85,6 +86,8 @@ class FakeCA:
 
 class RefusingEgress:
     """Every tunnel destination is refused, as a deny-all policy would."""
+
+    policy = Policy()
 
     def destination(self, host: str, port: int, label: str) -> defer.Deferred:
         return defer.fail(Refusal(403, "policy_denied", f"{label} not permitted by policy"))
@@ -220,7 +223,7 @@ class Proxy:
         intercept_site = intercept_site or Recorder()
         factory = ProxyFactory(
             ca=FakeCA(), site=intercept_site, forward_site=forward_site, egress=RefusingEgress(),
-            limits=limits, timeouts=TIMEOUTS, clock=clock,
+            limits=limits, timeouts=TIMEOUTS, clock=clock, intercept_site=intercept_site,
         )
         return cls(clock, factory, intercept_site, forward_site)
 

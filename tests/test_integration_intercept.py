@@ -23,6 +23,8 @@ from egress_servers import Conn, HttpServer, ServerCert, make_server_cert
 
 pytestmark = pytest.mark.integration
 
+MOCK_ROUTES = [{"name": "inference.local", "endpoint": "mock://", "model": "m", "protocols": ["openai_chat_completions"]}]
+
 
 @pytest.fixture
 def origin_cert(tmp_path: Path) -> ServerCert:
@@ -50,7 +52,7 @@ def _rules_entry(port: int, cert: ServerCert, **extra: Any) -> dict[str, Any]:
 
 
 def _start(start_proxy: ProxyStarter, entries: list[dict[str, Any]]) -> Proxy:
-    return start_proxy({"routes": [], "policy": {"intercept": entries}})
+    return start_proxy({"routes": MOCK_ROUTES, "policy": {"intercept": entries}})
 
 
 def _curl(proxy: Proxy, url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -88,7 +90,7 @@ def test_denied_request_gets_the_agent_readable_403_and_never_reaches_the_origin
     head_and_body, status = result.stdout.rsplit("\n", 1)
     assert status == "403", result
     assert "x-navtwist-error: l7_denied" in head_and_body.lower()
-    document = json.loads(head_and_body.split("\r\n\r\n", 1)[1])
+    document = json.loads(head_and_body.rsplit("\n\n", 1)[1])
     assert document == {"error": "l7_denied", "detail": "POST 127.0.0.1/gists not permitted by policy",
                         "reason": "ask the operator"}
     denied = _curl(proxy, f"https://127.0.0.1:{origin.port}/secret/a/b")
@@ -132,6 +134,7 @@ def test_requests_library_through_an_intercepted_host(
     with requests.Session() as session:
         session.proxies = {"https": proxy.url}
         session.verify = str(proxy.ca_path)
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would replace session.verify
         url = f"https://127.0.0.1:{origin.port}"
         ok = session.post(f"{url}/repos/acme/widget/git-upload-pack", data=b"want", timeout=TIMEOUT)
         assert ok.status_code == 200 and ok.json()["body"] == "want"
@@ -160,7 +163,10 @@ def test_entry_without_rules_or_preset_denies_everything(
 
 
 class _Counting(BaseHTTPRequestHandler):
-    """Reads a request body without keeping it and answers with its size."""
+    """Reads a request body slowly (about 25 MiB/s) without keeping it, and answers with its size.
+
+    Slower than a client can send: without backpressure the proxy would hold the difference.
+    """
 
     protocol_version = "HTTP/1.1"
 
@@ -173,6 +179,7 @@ class _Counting(BaseHTTPRequestHandler):
             while chunk := int(self.rfile.readline().split(b";")[0], 16):
                 size += len(self.rfile.read(chunk))
                 self.rfile.readline()
+                time.sleep(chunk / (25 << 20))
             self.rfile.readline()
         else:
             remaining = int(self.headers.get("content-length", "0"))
@@ -198,7 +205,7 @@ def test_large_upload_streams_with_flat_proxy_memory(
     port = server.server_address[1]
     try:
         proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-write")])
-        size = 256 * 1024 * 1024
+        size = 96 * 1024 * 1024
         block = b"x" * (1 << 20)
         before = proxy.rss_bytes()
         peak = [before]
@@ -211,10 +218,10 @@ def test_large_upload_streams_with_flat_proxy_memory(
 
         response = requests.post(
             f"https://127.0.0.1:{port}/upload", data=body(), proxies={"https": proxy.url},
-            verify=str(proxy.ca_path), timeout=60, headers={"content-length": str(size)},
+            verify=str(proxy.ca_path), timeout=60,  # a generator: sent chunked
         )
-        assert response.status_code == 200 and response.json() == {"received": size}
-        assert peak[0] - before < 40 * 1024 * 1024, f"proxy RSS grew {(peak[0] - before) >> 20} MiB"
+        assert response.status_code == 200 and response.json() == {"received": size}, (response.status_code, response.text[:300], proxy.log_text()[-3000:])
+        assert peak[0] - before < 24 * 1024 * 1024, f"proxy RSS grew {(peak[0] - before) >> 20} MiB"
     finally:
         server.shutdown()
         server.server_close()

@@ -217,6 +217,7 @@ def test_render_is_parseable_exposition(metrics: Metrics) -> None:
         "navtwist_tunnel_connections": "counter",
         "navtwist_upstream_errors": "counter",
         "navtwist_forward_requests": "counter",
+        "navtwist_decisions": "counter",
     }
     [served] = [s for s in families["navtwist_requests"].samples if s.name == "navtwist_requests_total"]
     assert served.labels == {"route": "main", "protocol": CHAT, "status": "200", "outcome": "ok"}
@@ -235,3 +236,12 @@ def test_a_given_registry_is_used() -> None:
     registry = CollectorRegistry()
     Metrics(registry=registry).stream_started()
     assert registry.get_sample_value("navtwist_active_streams") == 1
+
+
+def test_decisions_are_counted_by_entry_and_verdict_with_bounded_labels(metrics: Metrics) -> None:
+    metrics.decision("policy.intercept[2]", "would_deny")
+    metrics.decision("policy.allow", "deny")
+    metrics.decision("attacker-chosen-host.example", "maybe")
+    assert sample(metrics, "navtwist_decisions_total", entry="policy.intercept[2]", decision="would_deny") == 1
+    assert sample(metrics, "navtwist_decisions_total", entry="policy.allow", decision="deny") == 1
+    assert sample(metrics, "navtwist_decisions_total", entry="other", decision="other") == 1

@@ -77,7 +77,7 @@ def factory(clock: MemoryReactorClock, site: RecordingSite, forward_site: Record
     egress = Egress(clock, clock, FakeResolver({"allowed.example": ["93.184.216.34"]}),
                     Policy.parse(["allowed.example:443"]), connect_timeout=4)
     return ProxyFactory(FakeCA(), site, forward_site, egress, Limits(max_head_bytes=512, max_connections=2),
-                        Timeouts(head_read=5, tls_handshake=3), clock)
+                        Timeouts(head_read=5, tls_handshake=3), clock, intercept_site=site)
 
 
 def _refusal(transport: StringTransport) -> tuple[int, dict]:
@@ -242,7 +242,7 @@ def test_refused_connect_leaves_nothing_busy(factory: ProxyFactory) -> None:
 
 def test_too_many_header_fields_in_the_first_head_is_431(clock: MemoryReactorClock, site: RecordingSite) -> None:
     egress = Egress(clock, clock, FakeResolver({}), Policy.parse([]), connect_timeout=4)
-    factory = ProxyFactory(FakeCA(), site, site, egress, Limits(max_headers=3), Timeouts(), clock)
+    factory = ProxyFactory(FakeCA(), site, site, egress, Limits(max_headers=3), Timeouts(), clock, intercept_site=site)
     protocol, transport = _connect(factory)
     protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n")
     assert _refusal(transport) == (431, {"error": "headers_too_large",

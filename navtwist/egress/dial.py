@@ -86,12 +86,13 @@ class Egress:
         self._resolver.resolveHostName(receiver, name, port)
         deadline = self._clock.callLater(self._connect_timeout, receiver.done.cancel)
         result = receiver.done.addBoth(_stop_timer, deadline)
-        return result.addCallbacks(self._checked, self._unresolved, callbackArgs=(name, port), errbackArgs=(name,))
+        return result.addCallbacks(
+            self._checked, self._unresolved, callbackArgs=(name, port, intercepted), errbackArgs=(name,))
 
-    def _checked(self, addresses: list[IPAddress], name: str, port: int) -> IPAddress:
+    def _checked(self, addresses: list[IPAddress], name: str, port: int, intercepted: bool) -> IPAddress:
         if not addresses:
             raise Refusal(502, "upstream_unreachable", f"cannot resolve {name}")
-        address, reason = check_resolved(self.policy, addresses, port)
+        address, reason = check_resolved(self.policy, addresses, port, intercepted)
         if address is None:
             raise Refusal(403, "ssrf_denied", f"{name} resolves to a {reason} address")
         return address

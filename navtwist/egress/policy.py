@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence, TypeVar
 
 # A dependency of hyperlink, which Twisted requires.  Unlike the stdlib
 # "idna" codec (IDNA 2003) it implements IDNA 2008 with UTS 46 mapping, as
@@ -132,11 +132,24 @@ class AllowRule:
         return host == self.host
 
 
+class InterceptTarget(Protocol):
+    """What the egress policy needs of a C{policy.intercept} entry
+    (L{navtwist.intercept.rules.InterceptEntry} holds the rest)."""
+
+    host: str
+    wildcard: bool
+    ip: IPAddress | None
+    port: int
+
+    def matches(self, host: str, port: int) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Policy:
-    """The allow-list; the empty policy allows nothing."""
+    """The allow-list and the intercepted hosts; the empty policy allows nothing."""
 
     rules: tuple[AllowRule, ...] = ()
+    intercept: tuple[InterceptTarget, ...] = ()
 
     @classmethod
     def parse(cls, entries: Sequence[object], path: str = "policy.allow") -> Policy:
@@ -163,11 +176,59 @@ class Policy:
             return False
         return any(rule.matches(name, port) for rule in self.rules)
 
-    def names_ip(self, ip: IPAddress, port: int) -> bool:
+    def names_ip(self, ip: IPAddress, port: int, intercepted: bool = False) -> bool:
         """Whether an IP-literal entry lists exactly C{ip} with a matching port:
-        the only way an internal address may be dialled."""
+        the only way an internal address may be dialled.  For an intercepted
+        destination the entry is a C{policy.intercept} one, else a C{policy.allow}
+        one (an allowed name resolving to an intercepted address stays refused:
+        it would be an uninspected tunnel)."""
+        if intercepted:
+            name = canonical_host(ip.compressed)
+            return any(entry.ip is not None and entry.matches(name, port) for entry in self.intercept)
         # Only IP-literal entries can match a host that is an address.
         return self.allows(ip.compressed, port)
+
+    def intercept_for(self, host: str, port: int) -> InterceptTarget | None:
+        """The C{policy.intercept} entry whose rules govern C{host}, as the
+        client wrote it, on C{port}, or None.  Config validation keeps the
+        intercepted and the allowed hosts apart; ask this before L{allows}."""
+        return find_entry(self.intercept, host, port)
+
+
+def canonical_host(host: str) -> str:
+    """C{host} as intercept entries are compared: L{normalize_host}, and an
+    IPv4-mapped IPv6 address (C{::ffff:1.2.3.4}) as its IPv4 address.
+
+    @raise ValueError: for a host that cannot be normalised.
+    """
+    name = normalize_host(host)
+    ip = parse_ip(name)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.compressed
+    return name
+
+
+_Target = TypeVar("_Target", bound=InterceptTarget)
+
+
+def find_entry(entries: Sequence[_Target], host: str, port: int) -> _Target | None:
+    """The entry for C{host} (as the client wrote it) on C{port}, or None.
+
+    An exact name beats a wildcard, and a longer wildcard suffix a shorter
+    one.  A host that cannot be normalised matches nothing.
+    """
+    try:
+        name = canonical_host(host)
+    except ValueError:
+        return None
+    best = None
+    for entry in entries:
+        if entry.matches(name, port):
+            if not entry.wildcard:
+                return entry
+            if best is None or len(entry.host) > len(best.host):
+                best = entry
+    return best
 
 
 def _rule(entry: object) -> AllowRule:
@@ -250,7 +311,9 @@ def internal_reason(ip: IPAddress) -> str | None:
     return None
 
 
-def check_resolved(policy: Policy, addresses: Sequence[IPAddress], port: int) -> tuple[IPAddress | None, str | None]:
+def check_resolved(
+    policy: Policy, addresses: Sequence[IPAddress], port: int, intercepted: bool = False
+) -> tuple[IPAddress | None, str | None]:
     """The address to dial for an allowed name, or None and why not.
 
     One internal address in the answer refuses the whole name, so a DNS
@@ -260,7 +323,7 @@ def check_resolved(policy: Policy, addresses: Sequence[IPAddress], port: int) ->
     """
     for address in addresses:
         reason = internal_reason(address)
-        if reason is not None and not policy.names_ip(address, port):
+        if reason is not None and not policy.names_ip(address, port, intercepted):
             return None, reason
     if not addresses:
         return None, "no addresses"

@@ -77,10 +77,10 @@ class BodyPipe:
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._done = Deferred()
+        self._done = done = Deferred()
         self._flush()
         self._settle()
-        return self._done
+        return done
 
     def pauseProducing(self) -> None:
         self._paused = True

@@ -25,7 +25,6 @@ from navtwist.decisions import ALLOW, DENY, WOULD_DENY, DecisionLog, DecisionRec
 from navtwist.egress.dial import Egress
 from navtwist.egress.forward import failure_refusal
 from navtwist.egress.policy import IPAddress, Policy, normalize_host
-from navtwist.http.streaming import StreamingRequest
 from navtwist.inference.errors import write_json
 from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.rules import InterceptEntry, decide
@@ -180,7 +179,7 @@ class InterceptResource(Resource):
     ) -> None:
         host, port = record.host, record.port
         label = f"{request.method.decode('latin-1')} https://{_authority(host, port)}"
-        body = request.body if isinstance(request, StreamingRequest) else None
+        body = getattr(request, "body", None)  # a StreamingRequest's pipe
 
         def fail(failure: Failure, timed_out: bool) -> str:
             refusal = failure_refusal(failure, timed_out)
