@@ -149,8 +149,8 @@ def decide(entry: InterceptEntry, method: bytes | str, path_and_query: bytes, *,
 
     Deny rules come first, then allow rules, then the access preset, else
     the request is denied; in audit mode a denial becomes C{"would_deny"} and
-    the request proceeds.  C{host} (the name the client asked for) is used in
-    C{detail}; without it the entry's pattern is.  Inference entries are
+    the request proceeds.  C{host} (the normalised name the client asked
+    for) is used in C{detail}; without it the entry's pattern is.  Inference entries are
     served by the inference router, never judged here: they are refused.
     """
     name = entry.pattern if host is None else host
@@ -163,21 +163,22 @@ def decide(entry: InterceptEntry, method: bytes | str, path_and_query: bytes, *,
         raw_path, path, query = _parse_target(path_and_query)
     except _Refused as exc:
         return _deny(entry, "target", f"{text} {name} refused: {exc}")
+    request = f"{text} {name}{raw_path}"
     for rule in entry.rules:
         if rule.action == "deny" and _matches(rule, text, path, query):
-            return _deny(entry, rule.index, f"{text} {name}{raw_path} not permitted by policy")
+            return _deny(entry, rule.index, f"{request} not permitted by policy")
     for rule in entry.rules:
         if rule.action == "allow" and _matches(rule, text, path, query):
-            return Decision(True, "allow", entry.index, rule.index, f"{text} {name}{raw_path} allowed by rule {rule.index}")
+            return Decision(True, "allow", entry.index, rule.index, f"{request} allowed by rule {rule.index}")
     if entry.access is not None:
         methods = ACCESS_PRESETS[entry.access]
         if methods is None or text in methods:
-            return Decision(True, "allow", entry.index, "preset", f"{text} {name}{raw_path} allowed by access {entry.access}")
-    return _deny(entry, "default", f"{text} {name}{raw_path} not permitted by policy")
+            return Decision(True, "allow", entry.index, "preset", f"{request} allowed by access {entry.access}")
+    return _deny(entry, "default", f"{request} not permitted by policy")
 
 
 def _deny(entry: InterceptEntry, rule: Decider, detail: str) -> Decision:
-    if entry.mode == "audit" and not entry.inference:
+    if entry.mode == "audit":
         return Decision(True, "would_deny", entry.index, rule, detail)
     return Decision(False, "deny", entry.index, rule, detail)
 
@@ -356,7 +357,9 @@ def _entry(data: object, where: str, index: int) -> InterceptEntry:
     if inference:
         for key in _ENTRY_KEYS:
             if key not in _INFERENCE_KEYS and fields.get(key) is not None:
-                raise ValueError(f"{where}.{key}: not allowed with inference: true (the inference router serves this host)")
+                raise ValueError(
+                    f"{where}.{key}: not allowed with inference: true (the inference router serves this host)"
+                )
     host, wildcard, ip = _host(fields, where)
     port = _get(fields, "port", where, int, "an integer")
     if port is not None and not 1 <= port <= 65535:
@@ -401,7 +404,9 @@ def _host(fields: Mapping[str, object], entry_where: str) -> tuple[str, bool, IP
     if wildcard and ip is not None:
         raise ValueError(f"{where}: {text!r}: a wildcard cannot be combined with an IP address")
     if wildcard and "." not in name:
-        raise ValueError(f"{where}: {text!r}: too broad: a wildcard needs a suffix of at least two labels, as in '*.example.com'")
+        raise ValueError(
+            f"{where}: {text!r}: too broad: a wildcard needs a suffix of at least two labels, as in '*.example.com'"
+        )
     return name, wildcard, ip
 
 
