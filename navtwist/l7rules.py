@@ -28,13 +28,14 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from navtwist.policy import AllowRule, IPAddress, normalize_host, parse_ip
 
+_T = TypeVar("_T")
 Action = Literal["allow", "deny"]
 Verdict = Literal["allow", "deny", "would_deny"]
 # What decided, besides a rule index: the access preset, the default denial,
@@ -210,7 +211,7 @@ def _parse_target(target: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     if b";" in raw_path:
         raise _Refused("';' in the path")
     path = "".join("/" + segment for segment in _segments(raw_path))
-    query = []
+    query: list[tuple[str, str]] = []
     # Some servers also split on ';', so a deny rule must see those parts.
     for item in re.split(rb"[&;]", raw_query):
         if item:
@@ -225,7 +226,7 @@ def _segments(raw: bytes) -> list[str]:
     parts = raw.split(b"/")[1:]
     if parts[-1] == b"":
         parts.pop()
-    segments = []
+    segments: list[str] = []
     for part in parts:
         if not part:
             raise _Refused("empty path segment ('//')")
@@ -278,7 +279,7 @@ def find_entry(entries: Sequence[InterceptEntry], host: str, port: int) -> Inter
         name = canonical_host(host)
     except ValueError:
         return None
-    best = None
+    best: InterceptEntry | None = None
     for entry in entries:
         if entry.matches(name, port):
             if not entry.wildcard:
@@ -292,7 +293,7 @@ def startup_notes(entries: Sequence[InterceptEntry], path: str = "policy.interce
     """One line per entry that is configured but does not restrict as it may
     seem to: one that denies everything, one in audit mode.  For the log at
     start and reload, so no policy is silently inactive."""
-    notes = []
+    notes: list[str] = []
     for entry in entries:
         where = f"{path}[{entry.index}]: {entry.display}"
         if entry.denies_everything:
@@ -468,7 +469,7 @@ def _path_regex(glob: str, flags: int) -> re.Pattern[str]:
         raw = glob.encode("utf-8")
     except UnicodeEncodeError:
         raise _Refused("not valid Unicode text") from None
-    parts = []
+    parts: list[str] = []
     for segment in _segments(raw):
         if segment == "**":
             parts.append("(?:/[^/]+)*")
@@ -488,7 +489,7 @@ def _query(body: Mapping[str, object], where: str, flags: int) -> tuple[tuple[st
     where = f"{where}.query"
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{where}: expected a non-empty mapping of parameter names to globs, got {_kind(value)}")
-    pairs = []
+    pairs: list[tuple[str, re.Pattern[str]]] = []
     for name, glob in value.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}: parameter names must be non-empty strings")
@@ -526,10 +527,12 @@ def _fields(value: object, where: str, allowed: tuple[str, ...]) -> Mapping[str,
     return value
 
 
-def _get(fields: Mapping[str, object], key: str, where: str, kind: type, expected: str) -> Any:
+def _get(fields: Mapping[str, object], key: str, where: str, kind: type[_T], expected: str) -> _T | None:
     """C{fields[key]} if it is a C{kind} (bools are not integers), None if absent."""
     value = fields.get(key)
-    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{where}.{key}: expected {expected}, got {_kind(value)}")
     return value
 
