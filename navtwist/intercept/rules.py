@@ -28,13 +28,14 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from navtwist.egress.policy import AllowRule, IPAddress, canonical_host, parse_ip
 
+_T = TypeVar("_T")
 Action = Literal["allow", "deny"]
 Verdict = Literal["allow", "deny", "would_deny"]
 # What decided, besides a rule index: the access preset, the default denial,
@@ -149,8 +150,8 @@ def decide(entry: InterceptEntry, method: bytes | str, path_and_query: bytes, *,
 
     Deny rules come first, then allow rules, then the access preset, else
     the request is denied; in audit mode a denial becomes C{"would_deny"} and
-    the request proceeds.  C{host} (the name the client asked for) is used in
-    C{detail}; without it the entry's pattern is.  Inference entries are
+    the request proceeds.  C{host} (the normalised name the client asked
+    for) is used in C{detail}; without it the entry's pattern is.  Inference entries are
     served by the inference router, never judged here: they are refused.
     """
     name = entry.pattern if host is None else host
@@ -163,21 +164,22 @@ def decide(entry: InterceptEntry, method: bytes | str, path_and_query: bytes, *,
         raw_path, path, query = _parse_target(path_and_query)
     except _Refused as exc:
         return _deny(entry, "target", f"{text} {name} refused: {exc}")
+    request = f"{text} {name}{raw_path}"
     for rule in entry.rules:
         if rule.action == "deny" and _matches(rule, text, path, query):
-            return _deny(entry, rule.index, f"{text} {name}{raw_path} not permitted by policy")
+            return _deny(entry, rule.index, f"{request} not permitted by policy")
     for rule in entry.rules:
         if rule.action == "allow" and _matches(rule, text, path, query):
-            return Decision(True, "allow", entry.index, rule.index, f"{text} {name}{raw_path} allowed by rule {rule.index}")
+            return Decision(True, "allow", entry.index, rule.index, f"{request} allowed by rule {rule.index}")
     if entry.access is not None:
         methods = ACCESS_PRESETS[entry.access]
         if methods is None or text in methods:
-            return Decision(True, "allow", entry.index, "preset", f"{text} {name}{raw_path} allowed by access {entry.access}")
-    return _deny(entry, "default", f"{text} {name}{raw_path} not permitted by policy")
+            return Decision(True, "allow", entry.index, "preset", f"{request} allowed by access {entry.access}")
+    return _deny(entry, "default", f"{request} not permitted by policy")
 
 
 def _deny(entry: InterceptEntry, rule: Decider, detail: str) -> Decision:
-    if entry.mode == "audit" and not entry.inference:
+    if entry.mode == "audit":
         return Decision(True, "would_deny", entry.index, rule, detail)
     return Decision(False, "deny", entry.index, rule, detail)
 
@@ -209,7 +211,7 @@ def _parse_target(target: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     if b";" in raw_path:
         raise _Refused("';' in the path")
     path = "".join("/" + segment for segment in _segments(raw_path))
-    query = []
+    query: list[tuple[str, str]] = []
     # Some servers also split on ';', so a deny rule must see those parts.
     for item in re.split(rb"[&;]", raw_query):
         if item:
@@ -224,7 +226,7 @@ def _segments(raw: bytes) -> list[str]:
     parts = raw.split(b"/")[1:]
     if parts[-1] == b"":
         parts.pop()
-    segments = []
+    segments: list[str] = []
     for part in parts:
         if not part:
             raise _Refused("empty path segment ('//')")
@@ -258,7 +260,7 @@ def startup_notes(entries: Sequence[InterceptEntry], path: str = "policy.interce
     """One line per entry that is configured but does not restrict as it may
     seem to: one that denies everything, one in audit mode.  For the log at
     start and reload, so no policy is silently inactive."""
-    notes = []
+    notes: list[str] = []
     for entry in entries:
         where = f"{path}[{entry.index}]: {entry.display}"
         if entry.denies_everything:
@@ -323,7 +325,9 @@ def _entry(data: object, where: str, index: int) -> InterceptEntry:
     if inference:
         for key in _ENTRY_KEYS:
             if key not in _INFERENCE_KEYS and fields.get(key) is not None:
-                raise ValueError(f"{where}.{key}: not allowed with inference: true (the inference router serves this host)")
+                raise ValueError(
+                    f"{where}.{key}: not allowed with inference: true (the inference router serves this host)"
+                )
     host, wildcard, ip = _host(fields, where)
     port = _get(fields, "port", where, int, "an integer")
     if port is not None and not 1 <= port <= 65535:
@@ -368,7 +372,9 @@ def _host(fields: Mapping[str, object], entry_where: str) -> tuple[str, bool, IP
     if wildcard and ip is not None:
         raise ValueError(f"{where}: {text!r}: a wildcard cannot be combined with an IP address")
     if wildcard and "." not in name:
-        raise ValueError(f"{where}: {text!r}: too broad: a wildcard needs a suffix of at least two labels, as in '*.example.com'")
+        raise ValueError(
+            f"{where}: {text!r}: too broad: a wildcard needs a suffix of at least two labels, as in '*.example.com'"
+        )
     return name, wildcard, ip
 
 
@@ -430,7 +436,7 @@ def _path_regex(glob: str, flags: int) -> re.Pattern[str]:
         raw = glob.encode("utf-8")
     except UnicodeEncodeError:
         raise _Refused("not valid Unicode text") from None
-    parts = []
+    parts: list[str] = []
     for segment in _segments(raw):
         if segment == "**":
             parts.append("(?:/[^/]+)*")
@@ -450,7 +456,7 @@ def _query(body: Mapping[str, object], where: str, flags: int) -> tuple[tuple[st
     where = f"{where}.query"
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{where}: expected a non-empty mapping of parameter names to globs, got {_kind(value)}")
-    pairs = []
+    pairs: list[tuple[str, re.Pattern[str]]] = []
     for name, glob in value.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}: parameter names must be non-empty strings")
@@ -488,10 +494,12 @@ def _fields(value: object, where: str, allowed: tuple[str, ...]) -> Mapping[str,
     return value
 
 
-def _get(fields: Mapping[str, object], key: str, where: str, kind: type, expected: str) -> Any:
+def _get(fields: Mapping[str, object], key: str, where: str, kind: type[_T], expected: str) -> _T | None:
     """C{fields[key]} if it is a C{kind} (bools are not integers), None if absent."""
     value = fields.get(key)
-    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{where}.{key}: expected {expected}, got {_kind(value)}")
     return value
 
