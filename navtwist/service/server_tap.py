@@ -18,6 +18,7 @@ from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.decisions import DecisionLog
 from navtwist.http.streaming import StreamingRequest
 from navtwist.intercept.origin import OriginClients
+from navtwist.intercept.rules import startup_notes
 from navtwist.intercept.resource import InterceptResource
 from navtwist.service.drain import DrainService
 from navtwist.egress.dial import Egress
@@ -163,6 +164,8 @@ def make_service(
 
         ConfigReloader(config, reload, apply, reactor, config_path, watch_interval).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
+    for note in startup_notes(config.policy.intercept):
+        log.warn("{note}", note=note)
     for route in config.routes:
         log.info(
             "route {name}: {protocols} via {provider}",
