@@ -6,7 +6,8 @@ C{upstream_ca}; clients trust only navtwist's CA.
 from __future__ import annotations
 
 import json
-import socket
+import os
+import signal
 import ssl
 import subprocess
 import threading
@@ -225,3 +226,26 @@ def test_large_upload_streams_with_flat_proxy_memory(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reload_applies_new_rules_to_new_requests_on_an_open_connection(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_entry(origin.port, origin_cert, access="read-only")])
+    context = ssl.create_default_context(cafile=str(proxy.ca_path))
+    host = f"Host: 127.0.0.1:{origin.port}\r\n".encode()
+    with Conn.open(proxy.port) as conn:
+        conn.send(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        assert conn.response(bodyless=True).status == 200
+        conn.start_tls(context, "127.0.0.1")
+        conn.send(b"GET /before HTTP/1.1\r\n" + host + b"\r\n")
+        assert conn.response().status == 200
+        proxy.write_config({"routes": MOCK_ROUTES, "policy": {"intercept": [
+            _entry(origin.port, origin_cert, rules=[{"allow": {"method": "GET", "path": "/after"}}])]}})
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log("config reloaded")
+        conn.send(b"GET /before HTTP/1.1\r\n" + host + b"\r\n")
+        assert conn.response().status == 403
+        conn.send(b"GET /after HTTP/1.1\r\n" + host + b"\r\n")
+        assert conn.response().status == 200
+    assert [seen.path for seen in origin.seen] == ["/before", "/after"]
