@@ -38,8 +38,9 @@ class IRequestHook(Interface):
         """Inspect or change C{request}, a L{navtwist.inference.hooks.InferenceRequest}
         (protocol, route, client_model, mutable JSON C{document}, mutable
         extra upstream C{headers}).  Return None to go on, or a
-        L{navtwist.inference.hooks.Refusal} to answer the client with its status and
-        message instead.  An exception is logged and answered with a 500.
+        L{navtwist.outcome.Refusal} (status, code, message) to answer the
+        client with it instead, in its SDK's error shape.  An exception is
+        logged and answered with a 500.
         """
 
 

@@ -488,6 +488,27 @@ def test_declared_body_over_cap_is_413_at_once_without_100_continue() -> None:
     assert c.refusal(413)["error"] == "request_too_large"
 
 
+@pytest.mark.parametrize("line, document", [
+    (b"POST /v1/messages?beta=true HTTP/1.1", {
+        "type": "error", "error": {"type": "request_too_large", "message": "request body exceeds the proxy's limit"}}),
+    (b"POST /v1/chat/completions HTTP/1.1", {"error": {
+        "message": "request body exceeds the proxy's limit", "type": "invalid_request_error",
+        "code": "request_too_large"}}),
+])
+def test_intercepted_413_is_in_the_shape_of_the_paths_sdk(line: bytes, document: dict) -> None:
+    c = Channel.open(site_type=InterceptSite)
+    c.send(request(b"Content-Length: 101", line=line))
+    assert c.refusal(413) == document
+
+
+def test_a_refusal_before_the_next_request_line_is_not_shaped_by_the_last_request() -> None:
+    c = Channel.open(site_type=InterceptSite)
+    c.send(request(b"Content-Length: 2", line=b"POST /v1/messages HTTP/1.1", body=b"{}"))
+    c.send(b"GET /" + b"a" * 1100)  # the next request line never ends
+    assert refusal(c.transport, 431) == {
+        "error": {"message": "request headers too large", "type": "invalid_request_error", "code": "headers_too_large"}}
+
+
 def test_body_at_cap_is_served() -> None:
     c = Channel.open()
     c.send(request(b"Content-Length: 100", body=b"b" * 100))

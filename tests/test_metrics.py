@@ -9,16 +9,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import capturedLogs
 
+from navtwist.outcome import Outcome
 from navtwist.service.metrics import Metrics, status_label
 
 CHAT = "openai_chat_completions"
 
 
 def record(**changes: Any) -> dict[str, Any]:
-    """An inference exchange's record as Exchange._end writes it."""
+    """An inference exchange's record as navtwist.upstream.exchange.request_record writes it."""
     base = {
         "protocol": CHAT, "client_model": "gpt-x", "route": "main", "upstream_model": "llama",
-        "candidates_tried": 1, "status": 200, "outcome": "ok", "headers_ms": 120.0,
+        "candidates_tried": 1, "status": 200, "outcome": "ok", "detail": "ok", "headers_ms": 120.0,
         "duration_ms": 2500.0, "bytes": 1234, "ttft_ms": 300.0, "input_tokens": 10, "output_tokens": 20,
     }
     return {**base, **changes}
@@ -93,12 +94,29 @@ def test_status_labels_are_known_codes_or_classes(status: object, label: str) ->
 
 
 def test_status_and_outcome_of_an_exchange_failure(metrics: Metrics) -> None:
-    metrics.request_finished(record(status=503, outcome="upstream_unavailable", ttft_ms=None))
-    metrics.request_finished(record(status=429, outcome="route_busy", ttft_ms=None))
-    metrics.request_finished(record(status=207, outcome="upstream_idle_timeout"))
-    assert requests(metrics, status="503", outcome="upstream_unavailable") == 1
-    assert requests(metrics, status="429", outcome="route_busy") == 1
-    assert requests(metrics, status="2xx", outcome="upstream_idle_timeout") == 1
+    metrics.request_finished(record(status=503, outcome="upstream_error", detail="upstream_unavailable", ttft_ms=None))
+    metrics.request_finished(record(status=429, outcome="rejected", detail="route_busy", ttft_ms=None))
+    metrics.request_finished(record(status=207, outcome="timeout", detail="upstream_idle_timeout"))
+    metrics.request_finished(record(status=500, outcome="upstream_status", detail="upstream_status"))
+    assert requests(metrics, status="503", outcome="upstream_error") == 1
+    assert requests(metrics, status="429", outcome="rejected") == 1
+    assert requests(metrics, status="2xx", outcome="timeout") == 1
+    assert requests(metrics, status="500", outcome="upstream_status") == 1
+
+
+@pytest.mark.parametrize("outcome", sorted(o.value for o in Outcome))
+def test_outcome_labels_are_the_categories(metrics: Metrics, outcome: str) -> None:
+    """A record's outcome is a category; a detail in its place is not a label value."""
+    metrics.request_finished(record(outcome=outcome))
+    category = Outcome(outcome).category.value
+    assert requests(metrics, outcome=category if category == outcome else "other") == 1
+
+
+def test_oversized_events_are_counted_per_route(metrics: Metrics) -> None:
+    metrics.request_finished(record(oversized_events=2))
+    metrics.request_finished(record(oversized_events=0))
+    metrics.request_finished(record())
+    assert sample(metrics, "navtwist_oversized_events_total", route="main") == 2
 
 
 @pytest.mark.parametrize("bad", [{key: None for key in record()}, {}])
@@ -123,9 +141,10 @@ def test_nonsense_amounts_are_skipped_but_the_request_counts(metrics: Metrics) -
 
 def test_forwarded_requests_have_their_own_counter(metrics: Metrics) -> None:
     metrics.request_finished({"forward": "example.com:80", "candidates_tried": 1, "status": 502,
-                              "outcome": "upstream_unreachable", "headers_ms": None, "duration_ms": 12.0, "bytes": 0})
+                              "outcome": "upstream_error", "detail": "upstream_unreachable", "headers_ms": None,
+                              "duration_ms": 12.0, "bytes": 0})
     metrics.request_finished({"forward": "example.com:80", "status": 200, "outcome": "ok", "bytes": 50})
-    assert sample(metrics, "navtwist_forward_requests_total", status="502", outcome="upstream_unreachable") == 1
+    assert sample(metrics, "navtwist_forward_requests_total", status="502", outcome="upstream_error") == 1
     assert sample(metrics, "navtwist_forward_requests_total", status="200", outcome="ok") == 1
     assert sample(metrics, "navtwist_bytes_relayed_total", kind="forward") == 50
     assert sample(metrics, "navtwist_bytes_relayed_total", kind="inference") == 0
@@ -218,6 +237,7 @@ def test_render_is_parseable_exposition(metrics: Metrics) -> None:
         "navtwist_upstream_errors": "counter",
         "navtwist_forward_requests": "counter",
         "navtwist_decisions": "counter",
+        "navtwist_oversized_events": "counter",
     }
     [served] = [s for s in families["navtwist_requests"].samples if s.name == "navtwist_requests_total"]
     assert served.labels == {"route": "main", "protocol": CHAT, "status": "200", "outcome": "ok"}

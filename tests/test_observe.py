@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from OpenSSL.SSL import Error as TLSError
 
 from navtwist.outcome import Refusal
-from navtwist.upstream.exchange import UpstreamStatus
-from navtwist.inference.observe import MetricsListener, failure_kind
+from navtwist.upstream.failures import Cause, RouteBusy, UpstreamStatus, classify
+from navtwist.inference.observe import MetricsListener
 
 
 class Sink:
@@ -24,16 +25,25 @@ class Sink:
         self.records.append(record)
 
 
-@pytest.mark.parametrize("error, timed_out, kind", [
-    (ConnectionRefusedError(), False, "connect"),
-    (CancelledError(), True, "timeout"),
-    (UpstreamStatus(503), False, "status"),
-    (ResponseNeverReceived([Failure(ValueError())]), False, "protocol"),
-    (Refusal(502, "upstream_unreachable", "x"), False, "connect"),
-    (KeyError(), False, "other"),
+@pytest.mark.parametrize("error, timed_out, cause", [
+    (ConnectionRefusedError(), False, Cause.CONNECT),
+    (DNSLookupError(), False, Cause.CONNECT),
+    (TimeoutError(), False, Cause.TIMEOUT),  # connecting timed out
+    (CancelledError(), True, Cause.TIMEOUT),
+    (ResponseNeverReceived([Failure(CancelledError())]), True, Cause.TIMEOUT),
+    (ConnectionRefusedError(), True, Cause.TIMEOUT),  # our deadline, whatever error it surfaced as
+    (UpstreamStatus(503), False, Cause.STATUS),
+    (ResponseNeverReceived([Failure(ValueError())]), False, Cause.PROTOCOL),
+    (ResponseNeverReceived([]), False, Cause.PROTOCOL),
+    (ResponseFailed([Failure(TLSError())]), False, Cause.TLS),
+    (Refusal(502, "upstream_unreachable", "x"), False, Cause.CONNECT),
+    (Refusal(504, "upstream_timeout", "x"), False, Cause.TIMEOUT),
+    (Refusal(403, "ssrf_denied", "x"), False, Cause.REFUSED),
+    (RouteBusy(), False, Cause.BUSY),
+    (KeyError(), False, Cause.OTHER),
 ])
-def test_failure_kinds(error: Exception, timed_out: bool, kind: str) -> None:
-    assert failure_kind(Failure(error), timed_out) == kind
+def test_failure_causes(error: Exception, timed_out: bool, cause: Cause) -> None:
+    assert classify(Failure(error), timed_out) is cause
 
 
 def test_proxy_refusals_are_not_upstream_errors() -> None:

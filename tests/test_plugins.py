@@ -16,7 +16,8 @@ import navtwist.plugins
 from fakes import FakeResponse, Harness, make_harness
 from navtwist.inference import hooks, providers
 from navtwist.config import ConfigError, parse_config
-from navtwist.inference.hooks import InferenceRequest, Refusal
+from navtwist.inference.hooks import InferenceRequest
+from navtwist.outcome import Refusal
 from navtwist.interfaces import IRequestHook, IStreamObserver
 from navtwist.plugins.cap_max_tokens import cap_max_tokens
 from navtwist.plugins.stream_audit import stream_audit
@@ -120,7 +121,7 @@ def test_hook_may_add_headers_but_never_override_the_key() -> None:
     ("/v1/messages", b'{"model":"x","max_tokens":5,"messages":[]}', "anthropic"),
 ])
 def test_hook_refusal_answers_in_the_clients_shape(path: str, body: bytes, shape: str) -> None:
-    hook = Scripted(lambda request: Refusal(403, f"model {request.client_model} is blocked"))
+    hook = Scripted(lambda request: Refusal(403, "model_blocked", f"model {request.client_model} is blocked"))
     h = make_harness(ROUTES, extensions=Extensions(hooks=[hook]))
     h.send("POST", path, body)
     assert _status(h) == 403 and h.agent.calls == []
@@ -128,6 +129,7 @@ def test_hook_refusal_answers_in_the_clients_shape(path: str, body: bytes, shape
     message = doc["error"]["message"]
     assert message == "model x is blocked"
     assert (doc.get("type") == "error") == (shape == "anthropic")
+    assert doc["error"].get("code") == (None if shape == "anthropic" else "model_blocked")
     assert hook.seen[0].protocol in ("openai_chat_completions", "anthropic_messages")
 
 

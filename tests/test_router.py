@@ -4,10 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from navtwist.inference import errors
@@ -15,10 +11,12 @@ from navtwist.inference.providers import get_provider, openshell_url
 from navtwist.upstream.relay import client_response_headers
 from navtwist.inference.router import (
     body_for,
-    classify_failure,
     parse_body,
     upstream_headers,
 )
+from navtwist.inference.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT_COMPLETIONS
+from navtwist.outcome import Refusal
+from navtwist.upstream.failures import Cause
 
 
 @pytest.mark.parametrize(
@@ -120,15 +118,13 @@ def test_invalid_json_is_refused() -> None:
         parse_body(b"{not json")
 
 
-def test_response_headers_drop_hop_by_hop_and_connection_listed() -> None:
+def test_response_headers_drop_hop_by_hop() -> None:
     upstream = Headers(
         {
             b"content-type": [b"text/event-stream"],
             b"content-length": [b"64"],
             b"transfer-encoding": [b"chunked"],
-            b"connection": [b"keep-alive, x-hop"],
             b"keep-alive": [b"timeout=5"],
-            b"x-hop": [b"1"],
             b"x-request-id": [b"abc"],
             b"content-encoding": [b""],
         }
@@ -145,15 +141,36 @@ def test_real_content_encoding_is_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    "failure, timed_out, kind",
+    "cause, refusal",
     [
-        (ConnectionRefusedError(), False, errors.UPSTREAM_UNAVAILABLE),
-        (DNSLookupError(), False, errors.UPSTREAM_UNAVAILABLE),
-        (TimeoutError(), False, errors.UPSTREAM_UNAVAILABLE),
-        (CancelledError(), True, errors.UPSTREAM_TIMEOUT),
-        (ResponseNeverReceived([Failure(CancelledError())]), True, errors.UPSTREAM_TIMEOUT),
-        (ResponseNeverReceived([]), False, errors.UPSTREAM_PROTOCOL),
+        (Cause.BUSY, errors.ROUTE_BUSY),
+        (Cause.CONNECT, errors.UPSTREAM_UNAVAILABLE),
+        (Cause.TIMEOUT, errors.UPSTREAM_TIMEOUT),
+        (Cause.TLS, errors.UPSTREAM_PROTOCOL),
+        (Cause.PROTOCOL, errors.UPSTREAM_PROTOCOL),
+        (Cause.OTHER, errors.UPSTREAM_PROTOCOL),
     ],
 )
-def test_classify_failure(failure: Exception, timed_out: bool, kind: errors.ErrorKind) -> None:
-    assert classify_failure(Failure(failure), timed_out) is kind
+def test_inference_clients_are_told_per_cause(cause: Cause, refusal: Refusal) -> None:
+    assert errors.upstream_refusal(cause) is refusal
+
+
+@pytest.mark.parametrize(
+    "refusal, openai_type, anthropic_type",
+    [
+        (errors.NOT_INFERENCE, "permission_error", "permission_error"),
+        (errors.NO_ROUTE, "invalid_request_error", "invalid_request_error"),
+        (errors.MODEL_NOT_FOUND, "not_found_error", "not_found_error"),
+        (errors.ROUTE_BUSY, "rate_limit_error", "rate_limit_error"),
+        (errors.UPSTREAM_UNAVAILABLE, "api_error", "overloaded_error"),
+        (errors.UPSTREAM_TIMEOUT, "api_error", "api_error"),
+        (Refusal(413, "request_too_large", "x"), "invalid_request_error", "request_too_large"),
+        (Refusal(403, "model_blocked", "x"), "invalid_request_error", "invalid_request_error"),  # a hook's code
+        (Refusal(500, "request_refused", "x"), "api_error", "api_error"),
+    ],
+)
+def test_error_documents_in_each_sdk_shape(refusal: Refusal, openai_type: str, anthropic_type: str) -> None:
+    assert errors.error_document(OPENAI_CHAT_COMPLETIONS, refusal) == {
+        "error": {"message": refusal.message, "type": openai_type, "code": refusal.code}}
+    assert errors.error_document(ANTHROPIC_MESSAGES, refusal) == {
+        "type": "error", "error": {"type": anthropic_type, "message": refusal.message}}

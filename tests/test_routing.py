@@ -13,7 +13,7 @@ from twisted.logger import globalLogPublisher
 
 from fakes import FakeResponse, Harness, make_harness
 from navtwist.config import parse_config
-from navtwist.upstream.exchange import outcome_class
+from navtwist.outcome import outcome_class
 
 
 def _route(name: str, host: str, **extra: object) -> dict:
@@ -255,6 +255,7 @@ def test_reload_takes_new_routes_for_new_requests_only(h: Harness) -> None:
     ("ok", "ok"), ("client_gone", "client_gone"), ("client_stalled", "client_gone"),
     ("upstream_idle_timeout", "timeout"), ("timeout", "timeout"), ("upstream_timeout", "timeout"),
     ("upstream_error", "upstream_error"), ("upstream_unavailable", "upstream_error"), ("route_busy", "rejected"),
+    ("upstream_status", "upstream_status"), ("policy_denied", "rejected"), ("upstream_unreachable", "upstream_error"),
 ])
 def test_outcomes_are_classified(detail: str, outcome: str) -> None:
     assert outcome_class(detail) == outcome
@@ -286,7 +287,7 @@ def test_one_request_record_with_usage_and_latency(h: Harness) -> None:
         "upstream_model": "b.test-model", "candidates_tried": 2, "status": 200, "outcome": "ok",
         "headers_ms": 250.0, "ttft_ms": 1000.0, "duration_ms": 2000.0, "input_tokens": 11, "output_tokens": 22,
     }
-    assert record["bytes"] > 0
+    assert record["bytes"] > 0 and record["oversized_events"] == 0 and record["detail"] == "ok"
     assert "key-" not in repr(record) and "Hi" not in repr(record)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from urllib.parse import SplitResult, urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -23,6 +22,7 @@ from navtwist.outcome import Refusal
 from navtwist.inference.errors import write_json
 from navtwist.egress.policy import IPAddress
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
+from navtwist.upstream.failures import Cause, classify
 from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
 
@@ -45,11 +45,13 @@ def forwarded_headers(client: Headers, authority: bytes) -> Headers:
 
 
 def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
+    """What the client of a forwarded request is told when the destination did not answer."""
     if failure.check(Refusal):
-        return failure.value
-    if timed_out or failure.check(TimeoutError):
+        return failure.value  # the egress stage's own words
+    cause = classify(failure, timed_out)
+    if cause is Cause.TIMEOUT:
         return Refusal(504, "upstream_timeout", "the destination did not answer in time")
-    if failure.check(ConnectError, DNSLookupError):
+    if cause is Cause.CONNECT:
         return Refusal(502, "upstream_unreachable", "cannot connect to the destination")
     return Refusal(502, "upstream_error", "the destination sent an invalid response")
 

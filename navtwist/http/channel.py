@@ -18,7 +18,6 @@ refusal a complete JSON response followed by a close:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -28,6 +27,7 @@ from twisted.web.server import Request, Site
 
 from navtwist.config import Limits, Timeouts
 from navtwist.http.head import BadHead, check_framing_header, check_not_folded, parse_header_line
+from navtwist.outcome import Refusal
 
 # 16 hex digits are 64 bits: a longer chunk size overflows other parsers.
 _MAX_CHUNK_SIZE_DIGITS = 16
@@ -42,15 +42,6 @@ def raw_json_response(status: int, document: dict) -> bytes:
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
         b"connection: close\r\n\r\n" % (status, reason, len(body))
     ) + body
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a request is refused: the status, a stable code and a message safe to show."""
-
-    status: int
-    code: str
-    message: str
 
 
 def bad_request(message: str) -> Refusal:
@@ -125,6 +116,9 @@ class HardenedChannel(HTTPChannel):
     headReadTimeout: float = Timeouts.head_read
     refused = False
     _head_call: IDelayedCall | None = None
+    # The method and path (without query) of the request being read, once its
+    # request line is parsed: the site words a refusal for that request's client.
+    _target: tuple[bytes, bytes] | None = None
 
     def refuse(self, refusal: Refusal) -> None:
         """Answer with C{refusal} and close, ignoring whatever else arrives."""
@@ -136,7 +130,8 @@ class HardenedChannel(HTTPChannel):
         # C{disconnecting} late (TLS does), and they must not be parsed.
         self._buffer = b""
         if not self.transport.disconnecting:
-            self.transport.write(raw_json_response(refusal.status, self.site.error_document(refusal)))
+            document = self.site.error_document(refusal, self._target)
+            self.transport.write(raw_json_response(refusal.status, document))
         self.setTimeout(None)
         self.loseConnection()
         # As after Twisted's own timeout: a peer that never reads must not keep the socket.
@@ -155,7 +150,12 @@ class HardenedChannel(HTTPChannel):
         except BadHead as e:
             self.refuse(bad_request(str(e)))
             return
+        newest = self.requests[-1] if self.requests else None
         super().lineReceived(line)
+        if self.requests and self.requests[-1] is not newest:
+            # That was a request line, split as Twisted did before accepting it.
+            method, _, rest = line.partition(b" ")
+            self._target = (method, rest.partition(b" ")[0].partition(b"?")[0])
 
     def headerReceived(self, line: bytes) -> bool:
         try:
@@ -175,6 +175,7 @@ class HardenedChannel(HTTPChannel):
 
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
+        self._target = None
         # The next request's head may already be waiting, part-read, in the line buffer.
         if self.line_mode and self._buffer and not self.refused:
             self._start_head_deadline()
@@ -262,6 +263,7 @@ class HardenedSite(Site):
         channel.headReadTimeout = self.timeouts.head_read
         return channel
 
-    def error_document(self, refusal: Refusal) -> dict:
-        """The JSON body of a refusal; this is the proxy's own C{{"error", "detail"}} shape."""
+    def error_document(self, refusal: Refusal, target: tuple[bytes, bytes] | None) -> dict:
+        """The JSON body of a refusal of the request to C{target} (method, path;
+        None before its request line); this is the proxy's own C{{"error", "detail"}} shape."""
         return {"error": refusal.code, "detail": refusal.message}

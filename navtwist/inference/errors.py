@@ -7,75 +7,60 @@ they never carry an upstream endpoint, key or internal address.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from twisted.web.server import Request
 
 from navtwist.inference.protocols import is_anthropic
+from navtwist.outcome import Refusal
+from navtwist.upstream.failures import Cause
+
+# How each SDK family types a refusal, by code: (OpenAI's type, Anthropic's type).
+# Codes not listed are typed by their status: a client error or the API's.
+_SDK_TYPES: dict[str, tuple[str, str]] = {
+    "policy_denied": ("permission_error", "permission_error"),
+    "model_not_found": ("not_found_error", "not_found_error"),
+    "route_busy": ("rate_limit_error", "rate_limit_error"),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "upstream_unavailable": ("api_error", "overloaded_error"),
+}
+
+NOT_INFERENCE = Refusal(403, "policy_denied", "inference.local serves only inference API paths")
+NO_ROUTE = Refusal(400, "no_compatible_route", "no compatible inference route available")
+INVALID_JSON = Refusal(400, "invalid_json", "request body is not valid JSON")
+MODEL_NOT_FOUND = Refusal(404, "model_not_found", "model not found")
+ROUTE_BUSY = Refusal(429, "route_busy", "too many concurrent requests for this model; retry shortly")
+UPSTREAM_UNAVAILABLE = Refusal(503, "upstream_unavailable", "inference service unavailable")
+UPSTREAM_TIMEOUT = Refusal(504, "upstream_timeout", "inference service did not answer in time")
+UPSTREAM_PROTOCOL = Refusal(502, "upstream_error", "inference service sent an invalid response")
 
 
-@dataclass(frozen=True)
-class ErrorKind:
-    """One kind of refusal or failure and how each SDK family names it."""
-
-    status: int
-    code: str
-    openai_type: str
-    anthropic_type: str
-    message: str
-
-
-NOT_INFERENCE = ErrorKind(
-    403, "policy_denied", "permission_error", "permission_error",
-    "inference.local serves only inference API paths",
-)
-NO_ROUTE = ErrorKind(
-    400, "no_compatible_route", "invalid_request_error", "invalid_request_error",
-    "no compatible inference route available",
-)
-INVALID_JSON = ErrorKind(
-    400, "invalid_json", "invalid_request_error", "invalid_request_error",
-    "request body is not valid JSON",
-)
-BODY_TOO_LARGE = ErrorKind(
-    413, "request_too_large", "invalid_request_error", "request_too_large",
-    "request body exceeds the proxy's limit",
-)
-MODEL_NOT_FOUND = ErrorKind(
-    404, "model_not_found", "not_found_error", "not_found_error",
-    "model not found",
-)
-ROUTE_BUSY = ErrorKind(
-    429, "route_busy", "rate_limit_error", "rate_limit_error",
-    "too many concurrent requests for this model; retry shortly",
-)
-UPSTREAM_UNAVAILABLE = ErrorKind(
-    503, "upstream_unavailable", "api_error", "overloaded_error",
-    "inference service unavailable",
-)
-UPSTREAM_TIMEOUT = ErrorKind(
-    504, "upstream_timeout", "api_error", "api_error",
-    "inference service did not answer in time",
-)
-UPSTREAM_PROTOCOL = ErrorKind(
-    502, "upstream_error", "api_error", "api_error",
-    "inference service sent an invalid response",
-)
+def upstream_refusal(cause: Cause) -> Refusal:
+    """What an inference client is told when no candidate answered, for C{cause}."""
+    if cause is Cause.BUSY:
+        return ROUTE_BUSY
+    if cause is Cause.TIMEOUT:
+        return UPSTREAM_TIMEOUT
+    if cause is Cause.CONNECT:
+        return UPSTREAM_UNAVAILABLE
+    return UPSTREAM_PROTOCOL
 
 
-def refused_by_hook(status: int) -> ErrorKind:
-    """The error kind for a request hook's refusal with C{status}."""
-    client_error = 400 <= status < 500
-    kind = "invalid_request_error" if client_error else "api_error"
-    return ErrorKind(status, "request_refused", kind, kind, "request refused by the proxy")
+def sdk_types(refusal: Refusal) -> tuple[str, str]:
+    """The (OpenAI, Anthropic) error types of C{refusal}."""
+    known = _SDK_TYPES.get(refusal.code)
+    if known is not None:
+        return known
+    kind = "invalid_request_error" if 400 <= refusal.status < 500 else "api_error"
+    return kind, kind
 
 
-def error_document(protocol: str | None, kind: ErrorKind, message: str | None = None) -> dict:
+def error_document(protocol: str | None, refusal: Refusal, message: str | None = None) -> dict:
     """The error object for C{protocol}'s SDK family (OpenAI's when unknown)."""
-    text = message or kind.message
+    text = message or refusal.message
+    openai_type, anthropic_type = sdk_types(refusal)
     if protocol is not None and is_anthropic(protocol):
-        return {"type": "error", "error": {"type": kind.anthropic_type, "message": text}}
-    return {"error": {"message": text, "type": kind.openai_type, "code": kind.code}}
+        return {"type": "error", "error": {"type": anthropic_type, "message": text}}
+    return {"error": {"message": text, "type": openai_type, "code": refusal.code}}
 
 
 def write_json(request: Request, status: int, document: dict) -> None:
@@ -88,9 +73,9 @@ def write_json(request: Request, status: int, document: dict) -> None:
     request.finish()
 
 
-def write_error(request: Request, protocol: str | None, kind: ErrorKind, message: str | None = None) -> None:
-    """Answer C{request} with a JSON error in its SDK's shape."""
-    write_json(request, kind.status, error_document(protocol, kind, message))
+def write_error(request: Request, protocol: str | None, refusal: Refusal, message: str | None = None) -> None:
+    """Answer C{request} with C{refusal} as a JSON error in its SDK's shape."""
+    write_json(request, refusal.status, error_document(protocol, refusal, message))
 
 
 def stream_error_event(protocol: str, message: str) -> bytes:

@@ -2,9 +2,11 @@
 
 Request hooks (L{IRequestHook}) see each request before it goes upstream and
 may change or refuse it; stream observers (L{IStreamObserver}) watch each
-relayed response.  A plugin that raises is logged and isolated: a failing
-hook answers its request with a 500, a failing observer is dropped for the
-rest of that response, and the process never dies.
+relayed response.  A hook refuses by returning a L{navtwist.outcome.Refusal}:
+the client gets its status, code and message in its SDK's error shape.  A
+plugin that raises is logged and isolated: a failing hook answers its
+request with a 500, a failing observer is dropped for the rest of that
+response, and the process never dies.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from twisted.plugin import getPlugins
 from twisted.web.http_headers import Headers
 
 from navtwist.interfaces import IRequestHook, IStreamObserver
+from navtwist.outcome import Refusal
 
 log = Logger(namespace="navtwist.hooks")
 
@@ -32,12 +35,8 @@ class InferenceRequest:
     headers: Headers = field(default_factory=Headers)  # extra headers for the upstream
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """A hook's answer instead of the upstream's: status and message for the client."""
-
-    status: int
-    message: str
+# A hook that raises refuses its request with this.
+HOOK_FAILED = Refusal(500, "request_refused", "a request hook of the proxy failed")
 
 
 @cache
@@ -71,9 +70,10 @@ def run_request_hooks(hooks: Sequence[object], request: InferenceRequest) -> Ref
             result = hook.before_upstream(request)
         except Exception:
             log.failure("request hook {name} failed", name=getattr(hook, "name", repr(hook)))
-            return Refusal(500, "a request hook of the proxy failed")
+            return HOOK_FAILED
         if isinstance(result, Refusal):
-            log.info("request hook {name} refused a request: {status}", name=hook.name, status=result.status)
+            log.info("request hook {name} refused a request: {status} {code}", name=hook.name,
+                     status=result.status, code=result.code)
             return result
     return None
 

@@ -7,13 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
-from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived, ResponseFailed
 
-from navtwist.outcome import Refusal
-from navtwist.upstream.exchange import UpstreamStatus
+from navtwist.upstream.failures import classify
 from navtwist.inference.hooks import InferenceRequest, Watch
 from navtwist.inference.usage import UsageMeter
 
@@ -30,24 +26,6 @@ class MetricsSink(Protocol):
     def upstream_error(self, kind: str) -> None: ...
 
 
-def failure_kind(failure: Failure, timed_out: bool) -> str:
-    """A bounded name for why an upstream call failed."""
-    if failure.check(Refusal):
-        return {"upstream_unreachable": "connect", "upstream_timeout": "timeout"}.get(failure.value.code, "other")
-    if timed_out or failure.check(TimeoutError, CancelledError):
-        return "timeout"
-    if failure.check(ConnectError, DNSLookupError):
-        return "connect"
-    if failure.check(UpstreamStatus):
-        return "status"
-    if failure.check(ResponseNeverReceived, ResponseFailed):
-        reasons = getattr(failure.value, "reasons", [])
-        if any(type(r.value).__module__.startswith("OpenSSL") for r in reasons):
-            return "tls"
-        return "protocol"
-    return "other"
-
-
 class MetricsListener:
     """Reports each exchange's failed candidates and its end to the metrics."""
 
@@ -55,10 +33,9 @@ class MetricsListener:
         self._metrics = metrics
 
     def attempt_failed(self, failure: Failure, timed_out: bool) -> None:
-        refusal = failure.value if failure.check(Refusal) else None
-        if refusal is not None and refusal.status < 500:
-            return  # the proxy refused the destination: no upstream was involved
-        self._metrics.upstream_error(failure_kind(failure, timed_out))
+        cause = classify(failure, timed_out)
+        if cause.is_upstream_error:  # not when the proxy refused the destination itself
+            self._metrics.upstream_error(cause.value)
 
     def ended(self, record: dict[str, Any]) -> None:
         self._metrics.request_finished(record)
@@ -94,6 +71,7 @@ class Observation:
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "first_token_at": usage.first_token_at,
+            "oversized_events": usage.oversized_events,  # events too long to read: their usage is missed
             "complete": usage.complete,
         }
 

@@ -14,7 +14,6 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Callable, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,7 +31,8 @@ from navtwist.inference.protocols import STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.endpoints import UpstreamEndpoints
-from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, RouteBusy
+from navtwist.upstream.exchange import Attempt, Deadlines, Exchange
+from navtwist.upstream.failures import Cause, classify
 from navtwist.inference.hooks import InferenceRequest, run_request_hooks
 from navtwist.inference.observe import MetricsListener, MetricsSink, Observation
 
@@ -140,17 +140,6 @@ class UpstreamClients:
         return self.pool.closeCachedConnections()
 
 
-def classify_failure(failure: Failure, timed_out: bool) -> errors.ErrorKind:
-    """Which JSON error a failed upstream call becomes."""
-    if failure.check(RouteBusy):
-        return errors.ROUTE_BUSY
-    if timed_out:  # our deadline cancelled the call, whatever error that surfaced as
-        return errors.UPSTREAM_TIMEOUT
-    if failure.check(ConnectError, DNSLookupError, TimeoutError):
-        return errors.UPSTREAM_UNAVAILABLE
-    return errors.UPSTREAM_PROTOCOL
-
-
 class RouteGate:
     """Counts a route's calls in flight against its C{max_concurrent}."""
 
@@ -244,16 +233,17 @@ class InferenceRouter:
         info = InferenceRequest(protocol, routes[0].name, client_model(document), document)
         refusal = run_request_hooks(extensions.hooks, info)
         if refusal is not None:
-            errors.write_error(request, protocol, errors.refused_by_hook(refusal.status), refusal.message)
+            errors.write_error(request, protocol, refusal)
             return
         streaming = isinstance(info.document, dict) and info.document.get("stream") is True
 
         def fail(failure: Failure, timed_out: bool) -> str:
-            kind = classify_failure(failure, timed_out)
-            if kind is errors.ROUTE_BUSY:
+            cause = classify(failure, timed_out)
+            if cause is Cause.BUSY:
                 request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
-            errors.write_error(request, protocol, kind)
-            return kind.code
+            refusal = errors.upstream_refusal(cause)
+            errors.write_error(request, protocol, refusal)
+            return refusal.code
 
         def observe(is_sse: bool) -> Observation:
             return Observation(info, is_sse, self._clock.seconds, extensions.observers, extensions.metrics)
@@ -292,5 +282,5 @@ class InferenceRouter:
             fields={"route": route.name, "upstream_model": model},
             fallback_on=frozenset(route.fallback_on),
             heartbeat=route.heartbeat,
-            gate=self._gates.get(route) or RouteGate(route.max_concurrent),
+            gate=self._gates[route],
         )

@@ -11,8 +11,9 @@ import os
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from navtwist.inference.hooks import InferenceRequest, Refusal
+from navtwist.inference.hooks import InferenceRequest
 from navtwist.interfaces import IRequestHook
+from navtwist.outcome import Refusal
 
 # Each API names the output limit differently.
 _LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")

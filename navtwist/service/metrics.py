@@ -20,10 +20,10 @@ from typing import Any, Callable, Concatenate, Iterable, Mapping, ParamSpec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.logger import Logger
 
-from navtwist.inference import errors
 from navtwist.decisions import DECISIONS
 from navtwist.inference.protocols import PROTOCOLS
-from navtwist.upstream.relay import CLIENT_GONE, CLIENT_STALLED, OK, TIMEOUT, UPSTREAM_ERROR, UPSTREAM_IDLE
+from navtwist.outcome import CATEGORIES
+from navtwist.upstream.failures import UPSTREAM_ERROR_KINDS
 
 log = Logger(namespace="navtwist.metrics")
 
@@ -37,23 +37,13 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 6
 # Statuses labelled by their code; others by their class.
 STATUS_CODES = frozenset({200, 400, 401, 403, 404, 408, 413, 429, 431, 500, 502, 503, 504})
 
-OUTCOMES = frozenset(
-    {
-        # how a relayed body ended
-        OK, CLIENT_GONE, CLIENT_STALLED, UPSTREAM_ERROR, UPSTREAM_IDLE, TIMEOUT, "rejected",
-        # why no candidate answered an inference request
-        *(kind.code for kind in (errors.ROUTE_BUSY, errors.UPSTREAM_UNAVAILABLE, errors.UPSTREAM_TIMEOUT,
-                                 errors.UPSTREAM_PROTOCOL)),
-        # why a forwarded request was refused (Refusal.code)
-        "policy_denied", "ssrf_denied", "upstream_unreachable", "upstream_timeout", "bad_request",
-    }
-)
+# A request record's outcome is one of these categories (its detail, unbounded, is never a label).
+OUTCOMES = CATEGORIES
 
 # Config entries that decide: policy.allow, policy.intercept[N], none.
 _ENTRY = re.compile(r"policy\.allow|policy\.intercept\[\d{1,4}\]|none")
 
 TUNNEL_DECISIONS = ("allowed", "policy_denied", "ssrf_denied", "failed", OTHER)
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "tls", "protocol", "status", OTHER)
 BYTE_KINDS = ("inference", "forward", "tunnel_up", "tunnel_down")
 
 P = ParamSpec("P")
@@ -124,6 +114,11 @@ class Metrics:
             "navtwist_decisions_total", "Egress decisions, by the config entry that decided and the verdict.",
             ("entry", "decision"), registry=reg,
         )
+        self._oversized = Counter(
+            "navtwist_oversized_events_total",
+            "Stream events longer than the usage meter reads, skipped unread: usage they carried is not counted.",
+            ("route",), registry=reg,
+        )
         self._active_streams = Gauge(
             "navtwist_active_streams", "Response bodies being relayed now.", registry=reg,
         )
@@ -173,6 +168,9 @@ class Metrics:
             tokens = _amount(record.get(f"{direction}_tokens"))
             if tokens is not None:
                 self._tokens.labels(route, direction).inc(tokens)
+        oversized = _amount(record.get("oversized_events"))
+        if oversized:
+            self._oversized.labels(route).inc(oversized)
 
     @_guarded
     def stream_started(self) -> None:

@@ -5,11 +5,18 @@ candidate upstreams in order (fallback); once a byte has gone out it is
 committed to the current one, so output is never duplicated.  Every wait has
 a deadline: first byte per candidate, total for non-streaming calls, and the
 relay's own idle and write-stall timeouts for the body.
+
+An exchange is in one L{Phase} at a time and moves only as L{_TRANSITIONS}
+allow.  A candidate's concurrency slot is held for the lifetime of its call
+(sent, answered, body relayed or discarded) and freed in one place, at the
+end of that call's Deferred chain.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol as TypingProtocol, Sequence
+from functools import partial
+from typing import Any, Callable, Mapping, Protocol as TypingProtocol, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -19,51 +26,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from navtwist.upstream.relay import (
-    CLIENT_GONE,
-    CLIENT_STALLED,
-    OK,
-    TIMEOUT,
-    UPSTREAM_ERROR,
-    UPSTREAM_IDLE,
-    ResponseRelay,
-    client_response_headers,
-)
+from navtwist.outcome import Outcome, outcome_class
+from navtwist.upstream.failures import RouteBusy, UpstreamStatus
+from navtwist.upstream.relay import ResponseRelay, client_response_headers
 
 log = Logger(namespace="navtwist.exchange")
 
 HEARTBEAT_COMMENT = b": keep-alive\n\n"
-
-REJECTED = "rejected"
-# The request log's outcome is one of a few classes; the detail says which case.
-_OUTCOME_CLASSES = {
-    CLIENT_STALLED: CLIENT_GONE,
-    UPSTREAM_IDLE: TIMEOUT,
-    "upstream_timeout": TIMEOUT,
-    "route_busy": REJECTED,
-    "policy_denied": REJECTED,
-    "ssrf_denied": REJECTED,
-    "bad_request": REJECTED,
-}
-
-
-def outcome_class(detail: str) -> str:
-    """ok, client_gone, timeout, rejected or upstream_error."""
-    if detail in (OK, CLIENT_GONE, TIMEOUT):
-        return detail
-    return _OUTCOME_CLASSES.get(detail, UPSTREAM_ERROR)
-
-
-class RouteBusy(Exception):
-    """Every candidate was at its concurrency limit."""
-
-
-class UpstreamStatus(Exception):
-    """A candidate answered with a status its route falls back on."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"upstream answered {status}")
-        self.status = status
 
 
 class ExchangeListener(TypingProtocol):
@@ -131,17 +100,56 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
+class Phase(enum.Enum):
+    """Where an exchange is."""
+
+    WAITING = "waiting"  # calling candidates; nothing sent to the client, so fallback is possible
+    HEARTBEATING = "heartbeating"  # 200 and keep-alive comments sent while a candidate thinks
+    LEAVING = "leaving"  # the client left before an answer: the call under way is being cancelled
+    RELAYING = "relaying"  # a candidate's answer is going to the client
+    ENDED = "ended"  # the record is written
+
+
+class Event(enum.Enum):
+    """What moves an exchange from one phase to the next."""
+
+    HEARTBEAT = "heartbeat"  # a keep-alive comment is due
+    RELAY = "relay"  # an answer is accepted: its body starts flowing
+    CLIENT_LEFT = "client_left"
+    END = "end"
+
+
+# Every move an exchange can make; anything else is a bug.
+_TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (Phase.WAITING, Event.HEARTBEAT): Phase.HEARTBEATING,
+    (Phase.HEARTBEATING, Event.HEARTBEAT): Phase.HEARTBEATING,
+    (Phase.WAITING, Event.RELAY): Phase.RELAYING,
+    (Phase.HEARTBEATING, Event.RELAY): Phase.RELAYING,
+    (Phase.WAITING, Event.CLIENT_LEFT): Phase.LEAVING,
+    (Phase.HEARTBEATING, Event.CLIENT_LEFT): Phase.LEAVING,
+    (Phase.RELAYING, Event.CLIENT_LEFT): Phase.RELAYING,  # the relay stops the upstream, then ends
+    (Phase.WAITING, Event.END): Phase.ENDED,
+    (Phase.HEARTBEATING, Event.END): Phase.ENDED,
+    (Phase.LEAVING, Event.END): Phase.ENDED,
+    (Phase.RELAYING, Event.END): Phase.ENDED,
+}
+
+# What a call decided, run once its slot is free: the next candidate, or the end.
+Step = Callable[[], None]
+
+
 class Exchange:
     """Tries C{attempts} in order until one answers, then relays its answer to C{request}.
 
     C{fail(failure, timed_out)} writes the client's error when no candidate
-    answered (its shape is the caller's business) and returns the outcome;
-    C{stream_error(message)} makes the SSE event that reports a cut stream;
-    C{keep_length} keeps the upstream's Content-Length; C{streaming} says the
-    client asked for a stream (heartbeats apply, the total deadline does not);
-    C{observe(is_sse)} gives an observer of the body; C{listener} hears of
-    failed candidates and of the end.  C{fields} describe the call in the one
-    log event written when it ends.
+    answered (its shape is the caller's business) and returns the record's
+    detail (the refusal's code); C{stream_error(message)} makes the SSE event
+    that reports a cut stream; C{keep_length} keeps the upstream's
+    Content-Length; C{streaming} says the client asked for a stream
+    (heartbeats apply, the total deadline does not); C{observe(is_sse)} gives
+    an observer of the body; C{listener} hears of failed candidates and of
+    the end.  C{fields} describe the call in the one log event written when
+    it ends.
     """
 
     def __init__(
@@ -165,24 +173,29 @@ class Exchange:
         self._streaming = streaming
         self._observe = observe
         self._listener = listener
+        self._phase = Phase.WAITING
         self._started = clock.seconds()
-        self._attempts: list[Attempt] = []
+        self._attempts: list[Attempt] = []  # candidates not called yet
         self._current: Attempt | None = None
         self._tried = 0
-        self._pending: Deferred[IResponse] | None = None
+        self._pending: Deferred[IResponse] | None = None  # the call awaiting its answer's head
+        self._timed_out = False  # a deadline of ours cancelled the pending call
         self._first_byte_call: IDelayedCall | None = None
         self._total_call: IDelayedCall | None = None
         self._heartbeat_call: IDelayedCall | None = None
         self._heartbeat_interval = 0.0
-        self._timed_out = False
-        self._client_left = False
-        self._committed = False  # a byte has gone to the client: no more fallback
         self._relay: ResponseRelay | None = None
         self._observer: ChunkObserver | None = None
         self._status: int | None = None
         self._headers_at: float | None = None
-        self._ended = False
         request.notifyFinish().addErrback(self._client_gone)
+
+    def _move(self, event: Event) -> None:
+        """Take C{event}: the one place the phase changes."""
+        try:
+            self._phase = _TRANSITIONS[self._phase, event]
+        except KeyError:
+            raise RuntimeError(f"exchange: {event.value} while {self._phase.value}") from None
 
     # -- driving the candidates
 
@@ -196,103 +209,106 @@ class Exchange:
         self._next(None)
 
     def _next(self, failure: Failure | None) -> None:
-        """Start the next candidate that admits us; with none left, report C{failure}."""
-        while self._attempts and not self._client_left:
-            attempt = self._attempts.pop(0)
-            if not attempt.gate.try_acquire():
-                continue
-            self._current = attempt
-            self._tried += 1
-            self._timed_out = False
-            self._first_byte_call = self._clock.callLater(attempt.deadlines.first_byte, self._first_byte_timeout)
-            self._pending = pending = maybeDeferred(attempt.send)
-            pending.addCallbacks(self._got_response, self._failed, (attempt,), None, (attempt,))
+        """Call the next candidate that admits us; with none left, report C{failure}."""
+        if self._phase is Phase.LEAVING:
+            self._end(Outcome.CLIENT_GONE)
             return
-        if self._client_left:
-            self._end(CLIENT_GONE)
-        elif failure is None:
+        while self._attempts:
+            attempt = self._attempts.pop(0)
+            if attempt.gate.try_acquire():
+                self._call(attempt)
+                return
+        if failure is None:
             self._give_up(Failure(RouteBusy()), False)
         else:
             self._give_up(failure, self._timed_out)
 
+    def _call(self, attempt: Attempt) -> None:
+        """Call one candidate, holding its slot until the call is over: failed,
+        its answer discarded, or its answer relayed to the end."""
+        self._current = attempt
+        self._tried += 1
+        self._timed_out = False
+        self._first_byte_call = self._clock.callLater(attempt.deadlines.first_byte, self._first_byte_timeout)
+        self._pending = call = maybeDeferred(attempt.send)
+        call.addCallbacks(self._answered, self._call_failed, (attempt,), None, (attempt,))
+        call.addBoth(self._release, attempt.gate)
+        call.addCallback(lambda step: step())
+        call.addErrback(lambda failure: log.failure("exchange failed", failure))
+
+    @staticmethod
+    def _release(result: Step | Failure, gate: Gate) -> Step | Failure:
+        """The one place a candidate's slot is freed."""
+        gate.release()
+        return result
+
     def _can_fall_back(self) -> bool:
-        return bool(self._attempts) and not self._committed and not self._client_left
+        return bool(self._attempts) and self._phase is Phase.WAITING
 
     def _settled(self) -> None:
         self._pending = None
         self._cancel(self._first_byte_call)
         self._first_byte_call = None
 
-    def _failed(self, failure: Failure, attempt: Attempt) -> None:
+    def _call_failed(self, failure: Failure, attempt: Attempt) -> Step:
         self._settled()
-        attempt.gate.release()
-        if self._client_left:
-            self._end(CLIENT_GONE)
-            return
+        if self._phase is Phase.LEAVING:
+            return partial(self._end, Outcome.CLIENT_GONE)
         log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=failure.type.__name__)
         if self._listener is not None:
             self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():
-            self._next(failure)
-        else:
-            self._give_up(failure, self._timed_out)
+            return partial(self._next, failure)
+        return partial(self._give_up, failure, self._timed_out)
 
-    def _got_response(self, response: IResponse, attempt: Attempt) -> None:
+    def _answered(self, response: IResponse, attempt: Attempt) -> Step | Deferred[Step]:
         self._settled()
         self._status = response.code
-        if self._client_left:
-            attempt.gate.release()
+        if self._phase is Phase.LEAVING:
             response.deliverBody(_Discard())
-            self._end(CLIENT_GONE)
-            return
+            return partial(self._end, Outcome.CLIENT_GONE)
         if response.code in attempt.fallback_on and self._can_fall_back():
             log.info("falling back: {fields} answered {status}", fields=attempt.fields, status=response.code)
             if self._listener is not None:
                 self._listener.attempt_failed(Failure(UpstreamStatus(response.code)), False)
-            attempt.gate.release()
             response.deliverBody(_Discard())
-            self._next(None)
-            return
+            return partial(self._next, None)
         self._headers_at = self._clock.seconds()
         self._stop_heartbeat()
-        if self._committed and response.code >= 400:
-            attempt.gate.release()
+        if self._phase is Phase.HEARTBEATING and response.code >= 400:
             response.deliverBody(_Discard())
-            self._stream_failed(f"inference service answered HTTP {response.code}")
-            return
-        self._relay_body(response, attempt)
+            return partial(self._stream_failed, f"inference service answered HTTP {response.code}")
+        return self._relay_body(response, attempt)
 
-    def _relay_body(self, response: IResponse, attempt: Attempt) -> None:
+    def _relay_body(self, response: IResponse, attempt: Attempt) -> Deferred[Step]:
+        """Relay C{response}'s body; the result fires with the end once the body is over."""
         request = self._request
-        if self._committed:
+        if self._phase is Phase.HEARTBEATING:
             is_sse = True  # heartbeats already promised an event stream
         else:
             request.setResponseCode(response.code, response.phrase or None)
             keep_length = self._keep_length and response.length is not UNKNOWN_LENGTH
             request.responseHeaders = client_response_headers(response.headers, response.length if keep_length else None)
             request.write(b"")  # the status line and headers go out now, before any body
-            self._committed = True
             content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
             is_sse = content_type.lower().startswith(b"text/event-stream")
+        self._move(Event.RELAY)
         self._observer = self._observe(is_sse) if self._observe is not None else None
-
-        def done(outcome: str) -> None:
-            attempt.gate.release()
-            self._end(outcome)
-
+        relayed: Deferred[Outcome] = Deferred()
         self._relay = ResponseRelay(
             request,
             self._clock,
             stream_error=self._stream_error if is_sse else None,
             idle_timeout=attempt.deadlines.idle,
             write_stall_timeout=attempt.deadlines.write_stall,
-            done=done,
+            done=relayed.callback,
             on_chunk=self._observer.feed if self._observer is not None else None,
         )
         response.deliverBody(self._relay)
+        return relayed.addCallback(lambda outcome: partial(self._end, outcome))
 
     def _give_up(self, failure: Failure, timed_out: bool) -> None:
-        if self._committed:
+        if self._phase is Phase.HEARTBEATING:
             self._stream_failed("inference service unavailable")
         else:
             self._end(self._fail(failure, timed_out))
@@ -302,7 +318,7 @@ class Exchange:
         if self._stream_error is not None:
             self._request.write(self._stream_error(message))
         self._request.finish()
-        self._end(UPSTREAM_ERROR)
+        self._end(Outcome.UPSTREAM_ERROR)
 
     # -- deadlines and the client
 
@@ -317,7 +333,7 @@ class Exchange:
         self._total_call = None
         self._attempts = []
         if self._relay is not None:
-            self._relay.cut(TIMEOUT, "total timeout exceeded")
+            self._relay.cut(Outcome.TIMEOUT, "total timeout exceeded")
         elif self._pending is not None:
             self._timed_out = True
             self._pending.cancel()
@@ -325,11 +341,11 @@ class Exchange:
     def _heartbeat(self) -> None:
         """Keep idle-sensitive middleboxes from cutting a long prefill: commit to 200 early."""
         request = self._request
-        if not self._committed:
-            self._committed = True
+        if self._phase is Phase.WAITING:
             request.setResponseCode(200)
             request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream"])
             request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+        self._move(Event.HEARTBEAT)
         request.write(HEARTBEAT_COMMENT)
         self._heartbeat_call = self._clock.callLater(self._heartbeat_interval, self._heartbeat)
 
@@ -338,41 +354,33 @@ class Exchange:
         self._heartbeat_call = None
 
     def _client_gone(self, reason: Failure) -> None:
-        self._client_left = True
+        if self._phase is Phase.ENDED:
+            return
         self._stop_heartbeat()
+        self._move(Event.CLIENT_LEFT)
         if self._relay is not None:
             self._relay.stopProducing()
         elif self._pending is not None:
             self._pending.cancel()
 
-    def _end(self, outcome: str) -> None:
-        if self._ended:
+    def _end(self, detail: Outcome | str) -> None:
+        """Write the one record of this exchange (C{detail}: how it ended, or the refusal's code)."""
+        if self._phase is Phase.ENDED:
             return
-        self._ended = True
+        self._move(Event.END)
         self._stop_heartbeat()
         self._cancel(self._total_call)
-        now = self._clock.seconds()
-        summary = self._observer.summary() if self._observer is not None else {}
-        if outcome == CLIENT_GONE and summary.pop("complete", False):
-            # SDKs close as soon as they see the final event, sometimes before
-            # the chunked terminator reached them: nothing was lost.
-            outcome = OK
-        summary.pop("complete", None)
-        record: dict[str, Any] = {
-            **self._fields,
-            **(self._current.fields if self._current is not None else {}),
-            "candidates_tried": self._tried,
-            "status": self._status if self._status is not None else self._request.code,
-            "outcome": outcome_class(outcome),
-            "detail": outcome,
-            "headers_ms": _ms(self._started, self._headers_at),
-            "duration_ms": _ms(self._started, now),
-            "bytes": 0 if self._relay is None else self._relay.bytes_relayed,
-        }
-        if summary:
-            record["ttft_ms"] = _ms(self._started, summary.pop("first_token_at", None))
-            record.update(summary)
-        self.record = record
+        record = request_record(
+            fields={**self._fields, **(self._current.fields if self._current is not None else {})},
+            tried=self._tried,
+            status=self._status if self._status is not None else self._request.code,
+            detail=detail,
+            started=self._started,
+            headers_at=self._headers_at,
+            ended=self._clock.seconds(),
+            bytes_relayed=0 if self._relay is None else self._relay.bytes_relayed,
+            observed=self._observer.summary() if self._observer is not None else {},
+        )
         log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), **record)
         if self._observer is not None:
             self._observer.ended(record)
@@ -383,6 +391,46 @@ class Exchange:
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+def request_record(
+    fields: Mapping[str, Any],
+    tried: int,
+    status: int,
+    detail: Outcome | str,
+    started: float,
+    headers_at: float | None,
+    ended: float,
+    bytes_relayed: int,
+    observed: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The one record of an exchange, from its facts: C{fields} describe the call
+    and its last candidate, C{detail} is how it ended (an L{Outcome}, or the
+    refusal's code when no candidate answered), C{observed} is the body
+    observer's summary."""
+    summary = dict(observed)
+    if detail is Outcome.CLIENT_GONE and summary.get("complete"):
+        # SDKs close as soon as they see the final event, sometimes before
+        # the chunked terminator reached them: nothing was lost.
+        detail = Outcome.OK
+    if detail is Outcome.OK and status >= 400:
+        detail = Outcome.UPSTREAM_STATUS
+    summary.pop("complete", None)
+    text = detail.value if isinstance(detail, Outcome) else detail
+    record: dict[str, Any] = {
+        **fields,
+        "candidates_tried": tried,
+        "status": status,
+        "outcome": outcome_class(text).value,
+        "detail": text,
+        "headers_ms": _ms(started, headers_at),
+        "duration_ms": _ms(started, ended),
+        "bytes": bytes_relayed,
+    }
+    if summary:
+        record["ttft_ms"] = _ms(started, summary.pop("first_token_at", None))
+        record.update(summary)
+    return record
 
 
 def _ms(start: float, at: float | None) -> float | None:

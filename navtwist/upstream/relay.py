@@ -20,6 +20,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from navtwist.outcome import Outcome
+
 # Response headers that describe one hop, not the response.
 HOP_BY_HOP = frozenset(
     {
@@ -27,14 +29,6 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
     }
 )
-
-# Outcomes reported to the caller when the relay ends.
-OK = "ok"
-CLIENT_GONE = "client_gone"
-CLIENT_STALLED = "client_stalled"
-UPSTREAM_ERROR = "upstream_error"
-UPSTREAM_IDLE = "upstream_idle_timeout"
-TIMEOUT = "timeout"
 
 
 @implementer(IPushProducer)
@@ -52,7 +46,7 @@ class ResponseRelay(Protocol):
         stream_error: Callable[[str], bytes] | None,
         idle_timeout: float,
         write_stall_timeout: float,
-        done: Callable[[str], None],
+        done: Callable[[Outcome], None],
         on_chunk: Callable[[bytes], None] | None = None,
     ) -> None:
         self._request = request
@@ -68,7 +62,7 @@ class ResponseRelay(Protocol):
         self._paused = False
         self._client_gone = False
         self._ended = False
-        self._outcome: str | None = None
+        self._outcome: Outcome | None = None
         self._at_event_boundary = True
         self.bytes_relayed = 0
 
@@ -93,14 +87,14 @@ class ResponseRelay(Protocol):
         self._cancel_timers()
         self._ended = True
         if self._client_gone:
-            self._done(self._outcome or CLIENT_GONE)
+            self._done(self._outcome or Outcome.CLIENT_GONE)
             return
         self._request.unregisterProducer()
         if self._outcome is None and reason.check(ResponseDone, PotentialDataLoss):
             self._request.finish()
-            self._done(OK)
+            self._done(Outcome.OK)
             return
-        outcome = self._outcome or UPSTREAM_ERROR
+        outcome = self._outcome or Outcome.UPSTREAM_ERROR
         if self._stream_error is not None:
             message = f"response truncated: {self._cut_message or 'upstream connection lost'}"
             separator = b"" if self._at_event_boundary else b"\n\n"
@@ -150,9 +144,9 @@ class ResponseRelay(Protocol):
 
     def _upstream_idle(self) -> None:
         self._idle_call = None
-        self.cut(UPSTREAM_IDLE, f"upstream sent nothing for {self._idle_timeout:g} s")
+        self.cut(Outcome.UPSTREAM_IDLE, f"upstream sent nothing for {self._idle_timeout:g} s")
 
-    def cut(self, outcome: str, message: str) -> None:
+    def cut(self, outcome: Outcome, message: str) -> None:
         """End the response early (a deadline passed); the client is told why."""
         if self._ended or self._client_gone:
             return
@@ -163,7 +157,7 @@ class ResponseRelay(Protocol):
     def _client_stalled(self) -> None:
         """The client read nothing for too long while we had data for it."""
         self._stall_call = None
-        self._outcome = CLIENT_STALLED
+        self._outcome = Outcome.CLIENT_STALLED
         self._request.transport.abortConnection()
 
     def _cancel_timers(self) -> None:
@@ -186,8 +180,6 @@ def client_response_headers(upstream: Headers, length: int | None) -> Headers:
     responses that had none: that one is dropped too.
     """
     dropped = set(HOP_BY_HOP) | {b"content-length"}
-    for value in upstream.getRawHeaders(b"connection", []):
-        dropped.update(token.strip().lower() for token in value.split(b","))
     if not b"".join(upstream.getRawHeaders(b"content-encoding", [])).strip():
         dropped.add(b"content-encoding")
     headers = Headers(
