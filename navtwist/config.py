@@ -19,6 +19,7 @@ import yaml
 
 from navtwist.inference import hooks
 from navtwist.egress.policy import Policy
+from navtwist.intercept.credentials import Credential, CredentialError, check_bound, parse_credentials
 from navtwist.intercept.rules import check_overlap, parse_intercept
 from navtwist.inference.protocols import (
     MODEL_DISCOVERY,
@@ -106,6 +107,7 @@ class Config:
     admin_listen: str | None = None  # endpoint of /healthz, /readyz, /metrics; off when absent
     ca_name_constraints: bool = True  # limit the CA to inference.local and the intercepted hosts
     audit_log: str | None = None  # path of the OCSF decision log; off when absent
+    credentials: tuple[Credential, ...] = ()  # secrets swapped for placeholders on intercepted hosts
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -120,21 +122,27 @@ _ROUTE_KEYS = (
 ) + _ROUTE_TIMEOUTS
 _TOP_KEYS = (
     "listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins", "drain_timeout", "admin_listen",
-    "ca_name_constraints", "audit_log",
+    "ca_name_constraints", "audit_log", "credentials",
 )
 
 
-def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = True) -> Config:
-    """Validate already-loaded YAML C{data}; C{environ} resolves C{api_key_env}.
+def parse_config(
+    data: object, environ: Mapping[str, str], require_keys: bool = True, previous: Config | None = None
+) -> Config:
+    """Validate already-loaded YAML C{data}; C{environ} resolves C{api_key_env}
+    and credentials' C{env:}.
 
     With C{require_keys} false, an unset key variable leaves the key empty:
-    for tools that read the config but never call an upstream.
+    for tools that read the config but never call an upstream.  With
+    C{previous} (a reload), a credential whose secret cannot be read now
+    keeps its previous secret (see L{parse_credentials}).
 
     @raise ConfigError: for the first problem found.
     """
     top = _mapping(data, "", _TOP_KEYS)
     defaults = _defaults(Config)
     routes = _list(top, "routes", "")
+    policy = _policy(top)
     return Config(
         listen=_string(top, "listen", "", defaults["listen"]),
         ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
@@ -143,7 +151,8 @@ def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = 
         ),
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
-        policy=_policy(top),
+        policy=policy,
+        credentials=_credentials(top, environ, policy, previous),
         plugins=_plugins(top),
         drain_timeout=_number(top, "drain_timeout", "", defaults["drain_timeout"]),
         admin_listen=_string(top, "admin_listen", "", None),
@@ -152,7 +161,9 @@ def parse_config(data: object, environ: Mapping[str, str], require_keys: bool = 
     )
 
 
-def load_config(path: str | None, environ: Mapping[str, str], require_keys: bool = True) -> Config:
+def load_config(
+    path: str | None, environ: Mapping[str, str], require_keys: bool = True, previous: Config | None = None
+) -> Config:
     """Read and validate the YAML file at C{path}; no path means L{default_config}.
 
     @raise ConfigError: naming C{path}, for unreadable, malformed or invalid files.
@@ -173,7 +184,7 @@ def load_config(path: str | None, environ: Mapping[str, str], require_keys: bool
     if data is None:
         raise ConfigError(f"config {path}: file is empty")
     try:
-        return parse_config(data, environ, require_keys)
+        return parse_config(data, environ, require_keys, previous)
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
 
@@ -345,6 +356,20 @@ def _policy(top: Mapping[Any, object]) -> Policy:
     except ValueError as exc:  # already names the entry, e.g. policy.allow[2]
         raise ConfigError(str(exc)) from None
     return _with_intercept(policy, section)
+
+
+def _credentials(
+    top: Mapping[Any, object], environ: Mapping[str, str], policy: Policy, previous: Config | None
+) -> tuple[Credential, ...]:
+    """The C{credentials:} section, each bound only to intercepted (never tunnelled) hosts."""
+    try:
+        credentials = parse_credentials(
+            top.get("credentials"), environ, previous=previous.credentials if previous is not None else ())
+        intercepted = [(entry.pattern, entry.port) for entry in policy.intercept if not entry.inference]
+        check_bound(credentials, intercepted)
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    return credentials
 
 
 def _with_intercept(policy: Policy, section: Mapping[Any, object]) -> Policy:

@@ -20,13 +20,14 @@ PACKAGE = ROOT / "navtwist"
 # Smaller runs earlier on the data path; the shell (service) is above all.
 STAGES = {"service": 0, "listener": 1, "http": 2, "egress": 3, "intercept": 3, "inference": 4, "upstream": 5}
 # Definitions every stage may read; they import no stage themselves.
-LEAVES = {"config", "ca", "interfaces", "outcome", "compat", "credentials", "decisions"}
+LEAVES = {"config", "ca", "interfaces", "outcome", "compat", "decisions"}
 # Extensions and test helpers sit outside the data path and may import anything.
 OUTSIDE = {"plugins", "testing", "__init__"}
 # config reads the vocabularies it validates against; each imports no stage module itself.
 CONFIG_VOCABULARIES = {
     "navtwist.egress.policy",
     "navtwist.intercept.rules",
+    "navtwist.intercept.credentials",
     "navtwist.inference.protocols",
     "navtwist.inference.providers",
     "navtwist.inference.hooks",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from navtwist.policy import Policy, normalize_host
+from navtwist.egress.policy import Policy, normalize_host
 
 SEED_NAME = "placeholder.key"
 SEED_BYTES = 32

@@ -1,4 +1,4 @@
-"""Tests for navtwist.credentials: config, placeholders and their shapes, injection, refusal, rotation."""
+"""Tests for navtwist.intercept.credentials: config, placeholders and their shapes, injection, refusal, rotation."""
 from __future__ import annotations
 
 import base64
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from navtwist import credentials as creds
-from navtwist.credentials import (
+from navtwist.intercept import credentials as creds
+from navtwist.intercept.credentials import (
     Binding,
     Credential,
     CredentialError,
