@@ -32,7 +32,7 @@ def events() -> list[dict]:
 
 def _reloader(path: Path, applied: list[Config], watch: float | None = None) -> tuple[ConfigReloader, MemoryReactorClock]:
     clock = MemoryReactorClock()
-    load = lambda: load_config(str(path), {})  # noqa: E731
+    load = lambda previous=None: load_config(str(path), {}, previous=previous)  # noqa: E731
     return ConfigReloader(load(), load, applied.append, clock, str(path), watch), clock
 
 
@@ -97,7 +97,7 @@ class ThreadedClock(MemoryReactorClock):
 def test_sighup_reloads_through_the_reactor(path: Path) -> None:
     applied: list[Config] = []
     clock = ThreadedClock()
-    load = lambda: load_config(str(path), {})  # noqa: E731
+    load = lambda previous=None: load_config(str(path), {}, previous=previous)  # noqa: E731
     reloader = ConfigReloader(load(), load, applied.append, clock, str(path), None)
     previous = signal.getsignal(signal.SIGHUP)
     reloader.startService()
@@ -110,3 +110,23 @@ def test_sighup_reloads_through_the_reactor(path: Path) -> None:
     finally:
         reloader.stopService()
     assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def test_watch_reloads_when_a_watched_secret_file_changes(path: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("one")
+    applied: list[Config] = []
+    clock = MemoryReactorClock()
+    load = lambda previous=None: load_config(str(path), {}, previous=previous)  # noqa: E731
+    reloader = ConfigReloader(load(), load, applied.append, clock, str(path), 1.0, watched=lambda config: [str(secret)])
+    reloader.startService()
+    try:
+        clock.advance(1.0)
+        assert applied == []
+        secret.write_text("rotated")
+        clock.advance(1.0)
+        assert len(applied) == 1
+        clock.advance(1.0)
+        assert len(applied) == 1  # no change, no reload
+    finally:
+        reloader.stopService()

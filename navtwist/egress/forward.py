@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.egress.dial import Egress
+from navtwist.intercept.credentials import CredentialSet
 from navtwist.outcome import Refusal
 from navtwist.inference.errors import write_json
 from navtwist.egress.policy import IPAddress
@@ -75,9 +76,12 @@ class ForwardResource(Resource):
         self._agent = agent
         self._clock = clock
         self._deadlines = deadlines
+        self.credentials: CredentialSet | None = None  # set (and replaced on reload) by the service
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
+        if self._carries_placeholder(request):
+            return NOT_DONE_YET
         try:
             target = urlsplit(request.uri.decode("ascii"))
             port = target.port or 80
@@ -93,6 +97,22 @@ class ForwardResource(Resource):
         else:
             self._forward(request, target, port)
         return NOT_DONE_YET
+
+    def _carries_placeholder(self, request: Request) -> bool:
+        """Secrets never travel in clear text: a placeholder in a plain http://
+        request is refused whatever the host (there is nothing to swap it for)."""
+        credentials = self.credentials
+        if credentials is None:
+            return False
+        head = b"\r\n".join([request.uri] + [b"%s: %s" % (name, value)
+                                             for name, values in request.requestHeaders.getAllRawHeaders()
+                                             for value in values])
+        name = credentials.contains_placeholder(head)
+        if name is None:
+            return False
+        write_refusal(request, 403, "credential_endpoint_mismatch",
+                      f"credential {name} is never sent over plain http://")
+        return True
 
     def _forward(self, request: Request, target: SplitResult, port: int) -> None:
         def fail(failure: Failure, timed_out: bool) -> str:

@@ -10,7 +10,7 @@ flow control as every other upstream response.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -26,9 +26,9 @@ from navtwist.egress.dial import Egress
 from navtwist.egress.forward import failure_refusal
 from navtwist.egress.policy import IPAddress, Policy, normalize_host
 from navtwist.inference.errors import write_json
+from navtwist.intercept.credentials import CredentialSet, Mismatch
 from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.rules import InterceptEntry, decide
-from navtwist.outcome import Refusal
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 from navtwist.upstream.relay import HOP_BY_HOP
 
@@ -37,14 +37,6 @@ log = Logger(namespace="navtwist.intercept")
 # Never passed to the origin: hop-by-hop, proxy credentials, and Expect (the
 # channel has already answered 100-continue itself).
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection", b"expect"}
-
-
-class RequestRewriter(Protocol):
-    """Changes a request on its way to an origin (credential injection), or refuses it."""
-
-    def __call__(
-        self, host: str, port: int, target: bytes, headers: Headers
-    ) -> tuple[bytes, Headers, tuple[str, ...]]: ...
 
 
 def write_denial(request: Request, status: int, code: str, detail: str, reason: str | None = None) -> None:
@@ -64,6 +56,10 @@ def origin_headers(client: Headers, authority: bytes) -> Headers:
     out = Headers({name: values for name, values in client.getAllRawHeaders() if name.lower() not in dropped})
     out.setRawHeaders(b"host", [authority])
     return out
+
+
+def _header_list(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
 def _authority(host: str, port: int) -> str:
@@ -102,7 +98,7 @@ class InterceptResource(Resource):
         deadlines: Deadlines,
         decisions: DecisionLog,
         listener: ExchangeListener | None = None,
-        rewrite: RequestRewriter | None = None,
+        credentials: CredentialSet | None = None,
     ) -> None:
         super().__init__()
         self._policy = policy
@@ -112,16 +108,18 @@ class InterceptResource(Resource):
         self._deadlines = deadlines
         self._decisions = decisions
         self._listener = listener
-        self.rewrite = rewrite
+        self.credentials = credentials  # replaced on reload
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
         host, port = request.channel.intercepted
         entry = self._policy().intercept_for(host, port)
+        credentials = self.credentials
         peer = request.getClientAddress()
+        logged_target = credentials.redact(request.uri) if credentials is not None else request.uri
         record = DecisionRecord(
             kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", host=host, port=port,
-            decision=DENY, method=request.method.decode("latin-1"), path=redact_target(request.uri),
+            decision=DENY, method=request.method.decode("latin-1"), path=redact_target(logged_target),
         )
         started = self._clock.seconds()
         if entry is None or entry.inference:
@@ -156,15 +154,19 @@ class InterceptResource(Resource):
             write_denial(request, 501, "upgrade_unsupported", "protocol upgrades (WebSocket) are not supported on intercepted hosts")
             return NOT_DONE_YET
         headers = origin_headers(request.requestHeaders, _authority(host, port).encode("ascii"))
-        if self.rewrite is not None:
-            try:
-                target, headers, used = self.rewrite(host, port, target, headers)
-            except Refusal as refusal:
-                record.decision, record.reason, record.status = DENY, refusal.code, refusal.status
+        if credentials is not None:
+            rewritten = credentials.rewrite(host, port, target, _header_list(headers))
+            if isinstance(rewritten, Mismatch):
+                record.decision, record.reason, record.status = DENY, "credential_endpoint_mismatch", 403
+                record.credential = rewritten.credential
                 self._decide(record, started)
-                write_denial(request, refusal.status, refusal.code, refusal.message)
+                write_denial(request, 403, "credential_endpoint_mismatch", rewritten.detail)
                 return NOT_DONE_YET
-            record.credential = ",".join(used) or None
+            if rewritten.credentials:
+                target, headers = rewritten.target, Headers()
+                for name, value in rewritten.headers:
+                    headers.addRawHeader(name, value)
+                record.credential = ",".join(rewritten.credentials)
         self._forward(request, entry, target, headers, record, started)
         return NOT_DONE_YET
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable
+from typing import Callable, Sequence
 
 from twisted.application import service
 from twisted.internet.interfaces import IReactorCore, IReactorTime
@@ -37,20 +37,22 @@ class ConfigReloader(service.Service):
     def __init__(
         self,
         current: Config,
-        load: Callable[[], Config],
+        load: Callable[[Config], Config],
         apply: Callable[[Config], None],
         reactor: IReactorTime,
         path: str | None,
         watch_interval: float | None,
+        watched: Callable[[Config], Sequence[str]] = lambda config: (),
     ) -> None:
         self.current = current
         self._load = load
+        self._watched = watched
         self._apply = apply
         self._reactor = reactor
         self._path = path
         self._watch_interval = watch_interval
         self._watch: LoopingCall | None = None
-        self._seen = _file_state(path) if path else None
+        self._seen = self._states()
         self._previous_handler: object = None
 
     def startService(self) -> None:
@@ -74,16 +76,21 @@ class ConfigReloader(service.Service):
         # doing: hand the work to the reactor thread.
         self._reactor.callFromThread(self.reload)
 
+    def _states(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """The config file's state and each watched file's (the credentials' secrets)."""
+        paths = ([self._path] if self._path else []) + list(self._watched(self.current))
+        return tuple(_file_state(path) for path in paths)
+
     def _poll(self) -> None:
-        state = _file_state(self._path)
-        if state is not None and state != self._seen:
-            self._seen = state
+        states = self._states()
+        if states and states[0] is not None and states != self._seen:
+            self._seen = states
             self.reload()
 
     def reload(self) -> bool:
         """Load and apply the config; on any problem keep the old one."""
         try:
-            config = self._load()
+            config = self._load(self.current)
         except ConfigError as e:
             log.error("config reload failed, keeping the current config: {error}", error=str(e))
             return False
@@ -92,6 +99,7 @@ class ConfigReloader(service.Service):
                 log.warn("config reload: {key} changed; it takes effect after a restart", key=key)
         self._apply(config)
         self.current = config
+        self._seen = self._states()
         log.info("config reloaded: {routes} routes, {rules} policy rules",
                  routes=len(config.routes), rules=len(config.policy.rules))
         return True

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 from typing import Callable
 
 from twisted.application import service, strports
@@ -17,6 +18,7 @@ from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.decisions import DecisionLog
 from navtwist.http.streaming import StreamingRequest
+from navtwist.intercept.credentials import CredentialSet, load_or_create_seed
 from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.rules import startup_notes
 from navtwist.intercept.resource import InterceptResource
@@ -63,9 +65,13 @@ class Options(usage.Options):
         if self["watch-interval"] <= 0:
             raise usage.UsageError("--watch-interval must be positive")
 
-    def load(self) -> Config:
-        """The config as the command line says: the file (or default) plus overrides."""
-        return with_overrides(load_config(self["config"], os.environ), self["listen"], self["ca-dir"])
+    def load(self, previous: Config | None = None) -> Config:
+        """The config as the command line says: the file (or default) plus overrides.
+
+        On a reload, C{previous} is the config in use (credentials whose
+        secret cannot be read now keep their previous value).
+        """
+        return with_overrides(load_config(self["config"], os.environ, previous=previous), self["listen"], self["ca-dir"])
 
 
 class _UpstreamPoolService(service.Service):
@@ -88,15 +94,16 @@ def extensions(config: Config, metrics: Metrics) -> Extensions:
 def make_service(
     config: Config,
     reactor: IReactorTime,
-    reload: Callable[[], Config] | None = None,
+    reload: Callable[[Config], Config] | None = None,
     config_path: str | None = None,
     watch_interval: float | None = None,
     exit_zero_on_sigterm: bool = False,
 ) -> service.MultiService:
     """The proxy as a MultiService listening on C{config.listen}.
 
-    With C{reload}, SIGHUP (and C{watch_interval} polling of C{config_path})
-    re-reads the config through it.  With C{exit_zero_on_sigterm}, SIGTERM
+    With C{reload}, SIGHUP (and C{watch_interval} polling of C{config_path}
+    and of the credentials' secret files) re-reads the config through it,
+    given the config in use.  With C{exit_zero_on_sigterm}, SIGTERM
     drains and stops the reactor as a normal stop (twistd would otherwise
     re-raise the signal and exit 143).
     """
@@ -122,6 +129,8 @@ def make_service(
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
     origins = OriginClients(reactor, timeouts.connect)
+    credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
+    forward.credentials = credentials
     intercept = InterceptResource(
         lambda: egress.policy,
         egress,
@@ -130,6 +139,7 @@ def make_service(
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         decisions,
         MetricsListener(metrics),
+        credentials,
     )
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
     factory = ProxyFactory(
@@ -161,11 +171,25 @@ def make_service(
             metrics.set_routes(route.name for route in new.routes)
             clients.retain(new.routes)
             egress.policy = new.policy
+            current = intercept.credentials
+            assert current is not None
+            renewed, warnings = current.updated(new.credentials)
+            for warning in warnings:
+                log.warn("{warning}", warning=warning)
+            intercept.credentials = forward.credentials = renewed
+            for note in startup_notes(new.policy.intercept):
+                log.warn("{note}", note=note)
 
-        ConfigReloader(config, reload, apply, reactor, config_path, watch_interval).setServiceParent(top)
+        ConfigReloader(
+            config, reload, apply, reactor, config_path, watch_interval,
+            watched=lambda current: [c.location for c in current.credentials if c.source == "file"],
+        ).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
     for note in startup_notes(config.policy.intercept):
         log.warn("{note}", note=note)
+    for credential in config.credentials:
+        log.info("credential {name}: {variable} holds its placeholder; bound to {hosts}", name=credential.name,
+                 variable=credential.sandbox_env, hosts=", ".join(str(b) for b in credential.hosts))
     for route in config.routes:
         log.info(
             "route {name}: {protocols} via {provider}",
