@@ -15,10 +15,11 @@ both files are written and fsynced in a fresh C{.ca.*.tmp} directory, which is
 then renamed to C{.ca.new} -- that rename is the commit point -- and finally
 moved into place file by file.  Every start, holding an exclusive lock on the
 directory (so concurrent starts and C{navtwist env} runs do not interleave),
-first finishes an installation a crash interrupted (C{.ca.new} exists) and
+first finishes an installation a crash interrupted (C{.ca.new} exists, or an
+earlier version left C{ca.key} beside its certificate's C{.ca.pem.*.tmp}) and
 deletes whatever C{.ca.*.tmp} a crash left before the commit, including the
-C{.ca.key.*.tmp}/C{.ca.pem.*.tmp} files of earlier versions: uncommitted private
-keys nobody may use.
+C{.ca.key.*.tmp} files of earlier versions: uncommitted private keys nobody
+may use.
 """
 from __future__ import annotations
 
@@ -503,11 +504,33 @@ def _recover(directory: pathlib.Path) -> None:
                 os.replace(staged / name, directory / name)
         _fsync_directory(directory)
         staged.rmdir()
+    _finish_legacy_installation(directory)
     for stale in directory.glob(_TEMPORARIES):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale)
         else:
             stale.unlink()
+
+
+def _finish_legacy_installation(directory: pathlib.Path) -> None:
+    """Install the certificate an earlier version left beside its key.
+
+    Earlier versions renamed C{.ca.key.*.tmp}, then C{.ca.pem.*.tmp} into
+    place: a crash between the two left C{ca.key} and the complete
+    certificate, and every start refused the half pair.
+    """
+    key_path, cert_path = directory / _KEY, directory / _CERT
+    if cert_path.exists() or not key_path.exists():
+        return
+    try:
+        public_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None).public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return  # refused, with the reason, once loaded
+    for candidate in directory.glob(".ca.pem.*.tmp"):
+        with contextlib.suppress(ValueError):
+            if x509.load_pem_x509_certificate(candidate.read_bytes()).public_key() == public_key:
+                os.replace(candidate, cert_path)
+                return
 
 
 def _install(directory: pathlib.Path, files: dict[str, tuple[bytes, int]]) -> None:

@@ -599,6 +599,31 @@ def test_committed_pair_is_installed_at_start(tmp_path, moved):
     assert sorted(p.name for p in old.iterdir()) == ["ca.key", "ca.pem"]
 
 
+def test_certificate_an_earlier_version_left_beside_its_key_is_installed(tmp_path):
+    """Earlier versions, killed between installing ca.key and ca.pem, left the
+    certificate as .ca.pem.*.tmp and refused every later start (issue #11)."""
+    crashed, other = tmp_path / "crashed", tmp_path / "other"
+    CertificateAuthority.load_or_create(crashed, now=Clock())
+    CertificateAuthority.load_or_create(other, now=Clock())
+    intended = pair(crashed)
+    (crashed / "ca.pem").rename(crashed / ".ca.pem.0123abcd.tmp")
+    shutil.copy2(other / "ca.pem", crashed / ".ca.pem.fedc4321.tmp")  # another key's: not installed
+    ca = CertificateAuthority.load_or_create(crashed, now=Clock())
+    assert pair(crashed) == intended and ca.certificate_pem() == intended[1]
+    assert sorted(p.name for p in crashed.iterdir()) == ["ca.key", "ca.pem"]
+
+
+def test_certificate_of_another_key_does_not_complete_a_half_pair(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    CertificateAuthority.load_or_create(a, now=Clock())
+    CertificateAuthority.load_or_create(b, now=Clock())
+    (a / "ca.pem").unlink()
+    shutil.copy2(b / "ca.pem", a / ".ca.pem.0123abcd.tmp")
+    with pytest.raises(CAError, match="ca.pem is missing"):
+        CertificateAuthority.load_or_create(a, now=Clock())
+    assert sorted(p.name for p in a.iterdir()) == ["ca.key"]
+
+
 def test_creation_waits_for_the_directory_lock(tmp_path):
     """Two processes starting at once must not each install half a pair or delete the other's temporaries."""
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
