@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 from navtwist.ca import CAError, CertificateAuthority, permitted_hosts
+from navtwist import cli, sandbox_env
 from navtwist.cli import main
 from navtwist.config import load_config
 
@@ -705,6 +706,16 @@ def test_command_rotates_the_ca_and_rewrites_the_bundle(tmp_path, capsys):
     bundle = (ca_dir / "bundle.pem").read_bytes()
     assert bundle.endswith(new_pem) and old_pem not in bundle
     assert sorted(p.name for p in ca_dir.iterdir()) == ["bundle.pem", "ca.key", "ca.pem"]
+
+
+@pytest.mark.parametrize("command, module", [(["env"], sandbox_env), (["ca", "rotate"], cli)])
+def test_commands_make_the_ca_for_the_configs_hosts(tmp_path, capsys, monkeypatch, command, module):
+    hosts = ("inference.local", "*.example.com", "10.0.0.1")
+    monkeypatch.setattr(module, "permitted_hosts", lambda config: hosts)  # until the config has intercept hosts
+    assert main([*command, "--config", str(rotate_config(tmp_path))]) == 0
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", permitted=hosts)
+    assert not ca.unconstrained and ca.covers(hosts) is None
+    assert ca.covers(["other.example"]) == "other.example"
 
 
 def test_command_ca_dir_overrides_the_config(tmp_path, capsys):
