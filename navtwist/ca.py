@@ -1,19 +1,40 @@
-"""The interception CA: signs the leaf certificates navtwist presents for C{inference.local}.
+"""The interception CA: signs the leaf certificates navtwist presents for the hosts it intercepts.
 
 Sandboxed clients trust only this CA, so its key never leaves the state
-directory, and a half-written or mismatched key/cert pair is refused rather
-than silently replaced.
+directory, and a half-present or mismatched key/cert pair is refused rather
+than silently replaced.  Sandboxes may run as other users, so the directory
+and C{ca.pem} are world-readable (0755, 0644); C{ca.key} is 0600, and one that
+group or others may access is refused.
+
+A leaked C{ca.key} must not impersonate arbitrary sites: the CA carries
+critical X.509 name constraints permitting only the hosts it signs for
+(L{DEFAULT_PERMITTED} plus the configured intercept hosts).
+
+A new pair (first start, C{navtwist ca rotate}) is installed crash-safely:
+both files are written and fsynced in a fresh C{.ca.*.tmp} directory, which is
+then renamed to C{.ca.new} -- that rename is the commit point -- and finally
+moved into place file by file.  Every start, holding an exclusive lock on the
+directory (so concurrent starts and C{navtwist env} runs do not interleave),
+first finishes an installation a crash interrupted (C{.ca.new} exists, or an
+earlier version left C{ca.key} beside its certificate's C{.ca.pem.*.tmp}) and
+deletes whatever C{.ca.*.tmp} a crash left before the commit, including the
+C{.ca.key.*.tmp} files of earlier versions: uncommitted private keys nobody
+may use.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import ipaddress
 import os
 import pathlib
-import secrets
+import re
+import shutil
+import stat
+import tempfile
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -21,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+from navtwist.config import Config
 
 CA_COMMON_NAME = "navtwist Sandbox CA"
 CA_ORGANIZATION = "navtwist"
@@ -32,6 +55,15 @@ BACKDATE = datetime.timedelta(days=1)
 RENEW_MARGIN = datetime.timedelta(days=1)
 # X.509 upper bound on commonName; longer hostnames rely on the SAN alone.
 _MAX_COMMON_NAME = 64
+# The hosts a CA is constrained to when the caller names none.
+DEFAULT_PERMITTED = ("inference.local",)
+_CERT, _KEY = "ca.pem", "ca.key"
+# A complete new pair waiting to be moved into place (see the module docstring).
+_STAGED = ".ca.new"
+# Uncommitted new pairs (directories) and the temporaries of earlier versions (files).
+_TEMPORARIES = ".ca.*.tmp"
+_DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_ALL_ADDRESSES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 _CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -73,8 +105,8 @@ class CertificateAuthority:
     ) -> None:
         if leaf_cache_size < 1:
             raise ValueError("leaf_cache_size must be at least 1")
-        self.cert_path = directory / "ca.pem"
-        self.key_path = directory / "ca.key"
+        self.cert_path = directory / _CERT
+        self.key_path = directory / _KEY
         self._cert = ca_cert
         self._key = ca_key
         self._now = now
@@ -84,6 +116,15 @@ class CertificateAuthority:
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         )
+        constraints: x509.NameConstraints | None
+        try:
+            constraints = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        self._constraints = constraints
+        # True for a CA made before name constraints (or with them turned off):
+        # it works, but its leaked key would sign for any site, so say so.
+        self.unconstrained = constraints is None
 
     @classmethod
     def load_or_create(
@@ -91,28 +132,76 @@ class CertificateAuthority:
         directory: str | os.PathLike[str],
         now: Callable[[], datetime.datetime] | None = None,
         leaf_cache_size: int = 256,
+        permitted: Sequence[str] | None = DEFAULT_PERMITTED,
     ) -> CertificateAuthority:
         """Load the CA from C{directory}, creating it (and the directory) on first start.
 
+        A new CA is constrained to the hosts C{permitted} (None: no name
+        constraints); an existing constrained CA must permit all of them.
+
         @raise CAError: when only one of the two files exists, either is
-            unreadable or corrupt, the key does not match the certificate,
-            or the CA has expired.
+            unreadable or corrupt, the key may be read by others, the key does
+            not match the certificate, the CA has expired, or its name
+            constraints do not permit a host of C{permitted}.
         """
         clock = now or _utcnow
         path = pathlib.Path(directory)
-        cert_path, key_path = path / "ca.pem", path / "ca.key"
-        cert_exists, key_exists = cert_path.exists(), key_path.exists()
-        if cert_exists and key_exists:
-            ca_cert, ca_key = _load(path, cert_path, key_path, clock())
-        elif cert_exists or key_exists:
-            present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)
+        cert_path, key_path = path / _CERT, path / _KEY
+        with _locked(path):
+            cert_exists, key_exists = cert_path.exists(), key_path.exists()
+            if cert_exists and key_exists:
+                ca_cert, ca_key = _load(path, cert_path, key_path, clock())
+            elif cert_exists or key_exists:
+                present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)
+                raise CAError(
+                    f"{missing} is missing but {present} exists; refusing to replace it "
+                    f"(restore {missing.name} or remove {present.name} to create a new CA)"
+                )
+            else:
+                ca_cert, ca_key = _create(path, clock(), permitted)
+        ca = cls(path, ca_cert, ca_key, clock, leaf_cache_size)
+        uncovered = ca.covers(permitted or ())
+        if uncovered is not None:
             raise CAError(
-                f"{missing} is missing but {present} exists; refusing to replace it "
-                f"(restore {missing.name} or remove {present.name} to create a new CA)"
+                f"CA certificate {cert_path} is not valid for {uncovered} (its name constraints do not "
+                "permit it); re-issue the CA with: navtwist ca rotate --config PATH"
             )
-        else:
-            ca_cert, ca_key = _create(path, cert_path, key_path, clock())
+        return ca
+
+    @classmethod
+    def rotate(
+        cls,
+        directory: str | os.PathLike[str],
+        now: Callable[[], datetime.datetime] | None = None,
+        leaf_cache_size: int = 256,
+        permitted: Sequence[str] | None = DEFAULT_PERMITTED,
+    ) -> CertificateAuthority:
+        """Replace the CA in C{directory}, whatever state it is in, by a new one for C{permitted}.
+
+        The old files are replaced only once the new pair is complete on disk.
+
+        @raise CAError: when the new pair cannot be written.
+        """
+        clock = now or _utcnow
+        path = pathlib.Path(directory)
+        with _locked(path):
+            ca_cert, ca_key = _create(path, clock(), permitted)
         return cls(path, ca_cert, ca_key, clock, leaf_cache_size)
+
+    def covers(self, hosts: Iterable[str]) -> str | None:
+        """The first of C{hosts} this CA's name constraints do not permit, else None.
+
+        Hosts are written as in the config: C{name}, C{*.domain} or an IP
+        literal.  An unconstrained CA (see L{unconstrained}) permits every host.
+
+        @raise CAError: for a host that is none of these.
+        """
+        if self._constraints is None:
+            return None
+        for host in hosts:
+            if not _permits(self._constraints, host):
+                return host
+        return None
 
     def certificate_pem(self) -> bytes:
         """The CA certificate, for installing into sandbox trust stores."""
@@ -147,7 +236,9 @@ class CertificateAuthority:
             san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
             san = x509.DNSName(name)
-        if len(name) <= _MAX_COMMON_NAME:
+        # OpenSSL checks a host-like commonName ("127.0.0.1") against the CA's
+        # DNS name constraints, so IP literals rely on the (critical) SAN alone.
+        if isinstance(san, x509.DNSName) and len(name) <= _MAX_COMMON_NAME:
             subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         else:
             subject = x509.Name([])
@@ -216,6 +307,15 @@ def _load(
     except ValueError:
         raise CAError(f"{cert_path} is not a valid PEM certificate") from None
     try:
+        key_mode = stat.S_IMODE(key_path.stat().st_mode)
+    except OSError as e:
+        raise CAError(f"cannot read {key_path}: {e.strerror}") from None
+    if key_mode & 0o077:
+        raise CAError(
+            f"{key_path} is accessible to group or others (mode {key_mode:04o}); "
+            f"fix with: chmod 600 {key_path}"
+        )
+    try:
         ca_key = serialization.load_pem_private_key(_read(key_path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise CAError(f"{key_path} is not a valid unencrypted PEM private key") from None
@@ -245,7 +345,8 @@ def _load(
 
 
 def _make_dirs(directory: pathlib.Path) -> None:
-    """Create C{directory} and any missing parents as 0700, whatever the umask."""
+    """Create C{directory} and any missing parents as 0755, whatever the umask,
+    so sandboxes running as other users can reach C{ca.pem}."""
     missing = []
     for candidate in (directory, *directory.parents):
         if candidate.exists():
@@ -253,10 +354,10 @@ def _make_dirs(directory: pathlib.Path) -> None:
         missing.append(candidate)
     for path in reversed(missing):
         try:
-            path.mkdir(mode=0o700)
+            path.mkdir(mode=0o755)
         except FileExistsError:
             continue
-        os.chmod(path, 0o700)
+        os.chmod(path, 0o755)
 
 
 def _write_new(path: pathlib.Path, data: bytes, mode: int) -> None:
@@ -270,12 +371,9 @@ def _write_new(path: pathlib.Path, data: bytes, mode: int) -> None:
 
 
 def _create(
-    directory: pathlib.Path,
-    cert_path: pathlib.Path,
-    key_path: pathlib.Path,
-    now: datetime.datetime,
+    directory: pathlib.Path, now: datetime.datetime, permitted: Sequence[str] | None
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Generate a CA and publish it key first, cert last, so a crash leaves no usable pair."""
+    """Generate a CA constrained to C{permitted} (None: unconstrained) and install it in the locked C{directory}."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -283,7 +381,7 @@ def _create(
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, CA_ORGANIZATION),
         ]
     )
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -296,31 +394,167 @@ def _create(
             _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if permitted is not None:
+        # RFC 5280 requires name constraints to be critical.
+        builder = builder.add_extension(_name_constraints(permitted), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    suffix = secrets.token_hex(8)
-    tmp_key = directory / f".ca.key.{suffix}.tmp"
-    tmp_cert = directory / f".ca.pem.{suffix}.tmp"
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    _install(directory, {_KEY: (key_pem, 0o600), _CERT: (cert_pem, 0o644)})
+    return cert, key
+
+
+def _name_constraints(permitted: Sequence[str]) -> x509.NameConstraints:
+    """Name constraints permitting exactly the hosts C{permitted} (see L{_subtree}).
+
+    @raise CAError: for a host that is not a name, C{*.domain} or IP literal,
+        or when no host name is permitted at all.
+    """
+    subtrees = list(dict.fromkeys(_subtree(host) for host in permitted))
+    # RFC 5280 constrains only the name forms a constraint lists: without a
+    # DNS subtree every host name would stay open, without an IP subtree
+    # every address, which is then excluded explicitly.
+    if not any(isinstance(subtree, x509.DNSName) for subtree in subtrees):
+        raise CAError("the CA's name constraints must permit at least one host name")
+    excluded = None
+    if not any(isinstance(subtree, x509.IPAddress) for subtree in subtrees):
+        excluded = [x509.IPAddress(network) for network in _ALL_ADDRESSES]
+    return x509.NameConstraints(permitted_subtrees=subtrees, excluded_subtrees=excluded)
+
+
+def _subtree(host: str) -> x509.DNSName | x509.IPAddress:
+    """The name-constraint subtree permitting C{host}: /32 or /128 for an IP literal, else a DNS subtree.
+
+    A DNS subtree C{example.com} permits example.com and every name below it
+    (C{a.b.example.com}), so C{*.example.com} (one label) becomes the whole
+    example.com subtree and C{api.example.com} also permits its subdomains:
+    a leaked key could sign for those too, never for a host outside them.
+    """
+    name = host.lower().rstrip(".")
+    try:
+        return x509.IPAddress(ipaddress.ip_network(ipaddress.ip_address(name)))
+    except ValueError:
+        pass
+    domain = name[2:] if name.startswith("*.") else name
+    if not _DNS_NAME.fullmatch(domain):
+        raise CAError(f"cannot restrict the CA to {host!r}: not a host name, *.domain or IP address")
+    return x509.DNSName(domain)
+
+
+def _permits(constraints: x509.NameConstraints, host: str) -> bool:
+    """Whether C{constraints} permit C{host}, judged as RFC 5280 does for its name form (DNS or IP).
+
+    A wildcard is permitted when every name it matches is: C{*.example.com}
+    is checked as that literal name, so only subtrees above it contain it.
+    """
+    form = type(_subtree(host))
+    name = host.lower().rstrip(".")
+
+    def matches(subtrees: Iterable[x509.GeneralName] | None) -> list[bool]:
+        return [_contains(subtree, name) for subtree in subtrees or () if isinstance(subtree, form)]
+
+    permitted = matches(constraints.permitted_subtrees)
+    return (not permitted or any(permitted)) and not any(matches(constraints.excluded_subtrees))
+
+
+def _contains(subtree: x509.GeneralName, name: str) -> bool:
+    if isinstance(subtree, x509.IPAddress):
+        # An address of the other IP version is outside the subtree.
+        return ipaddress.ip_address(name) in subtree.value
+    domain = subtree.value.lower()
+    # A leading dot (".example.com", a variant found in imported CAs) holds only the names below it.
+    return name == domain or name.endswith(domain if domain.startswith(".") else "." + domain)
+
+
+def permitted_hosts(config: Config) -> tuple[str, ...]:
+    """The hosts the CA for C{config} must permit: C{inference.local} and every intercepted host."""
+    return (*DEFAULT_PERMITTED, *(endpoint.host for endpoint in getattr(config.policy, "intercept", ())))
+
+
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path) -> Iterator[None]:
+    """Hold an exclusive lock on C{directory} (created if missing) after tidying what a crash left there."""
     try:
         _make_dirs(directory)
-        _write_new(tmp_key, key_pem, 0o600)
-        _write_new(tmp_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        os.replace(tmp_key, key_path)
-        os.replace(tmp_cert, cert_path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise CAError(f"cannot create CA in {directory}: {e.strerror}") from None
+        raise CAError(f"cannot open CA directory {directory}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _recover(directory)
+        except OSError as e:
+            raise CAError(f"cannot recover the CA in {directory}: {e.strerror}") from None
+        yield
     finally:
-        for leftover in (tmp_key, tmp_cert):  # already renamed on success
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-    return cert, key
+        os.close(fd)
+
+
+def _recover(directory: pathlib.Path) -> None:
+    """Finish a committed installation and delete uncommitted temporaries (with the lock held)."""
+    staged = directory / _STAGED
+    if staged.is_dir():
+        for name in (_KEY, _CERT):
+            with contextlib.suppress(FileNotFoundError):  # moved before a crash
+                os.replace(staged / name, directory / name)
+        _fsync_directory(directory)
+        staged.rmdir()
+    _finish_legacy_installation(directory)
+    for stale in directory.glob(_TEMPORARIES):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
+def _finish_legacy_installation(directory: pathlib.Path) -> None:
+    """Install the certificate an earlier version left beside its key.
+
+    Earlier versions renamed C{.ca.key.*.tmp}, then C{.ca.pem.*.tmp} into
+    place: a crash between the two left C{ca.key} and the complete
+    certificate, and every start refused the half pair.
+    """
+    key_path, cert_path = directory / _KEY, directory / _CERT
+    if cert_path.exists() or not key_path.exists():
+        return
+    try:
+        public_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None).public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return  # refused, with the reason, once loaded
+    for candidate in directory.glob(".ca.pem.*.tmp"):
+        with contextlib.suppress(ValueError):
+            if x509.load_pem_x509_certificate(candidate.read_bytes()).public_key() == public_key:
+                os.replace(candidate, cert_path)
+                return
+
+
+def _install(directory: pathlib.Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """Replace the named C{files} (content, mode) in the locked C{directory} all or nothing, even on a crash."""
+    temporary: pathlib.Path | None = None
+    try:
+        temporary = pathlib.Path(tempfile.mkdtemp(prefix=".ca.", suffix=".tmp", dir=directory))
+        for name, (data, mode) in files.items():
+            _write_new(temporary / name, data, mode)
+        _fsync_directory(temporary)
+        os.rename(temporary, directory / _STAGED)  # the commit point
+        temporary = None
+        _fsync_directory(directory)
+        _recover(directory)
+    except OSError as e:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise CAError(f"cannot create CA in {directory}: {e.strerror}") from None
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make the renames in C{directory} durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

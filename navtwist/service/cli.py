@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 
-from navtwist.ca import CAError
+from navtwist.ca import CAError, CertificateAuthority, permitted_hosts
 from navtwist.config import ConfigError, load_config, with_overrides
-from navtwist.service.sandbox_env import FORMATS, EnvError, prepare, render
+from navtwist.service.sandbox_env import FORMATS, EnvError, prepare, refresh_bundle, render
 
 USER_ERROR = 2
 
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="navtwist", description="Helpers for the navtwist egress proxy.")
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
     _add_env(commands)
+    _add_ca(commands)
     return parser
 
 
@@ -62,6 +63,39 @@ def _env(args: argparse.Namespace) -> int:
         # A comment, so stderr merged into the sh or dotenv output stays valid.
         print(f"# {note}", file=sys.stderr)
     sys.stdout.write(render(result.variables, args.format))
+    return 0
+
+
+def _add_ca(commands: argparse._SubParsersAction) -> None:
+    ca = commands.add_parser("ca", help="manage navtwist's CA", description="Manage navtwist's CA.")
+    actions = ca.add_subparsers(metavar="ACTION", required=True)
+    rotate = actions.add_parser(
+        "rotate",
+        help="replace the CA by a new one constrained to the config's hosts",
+        description="Replace ca.pem and ca.key in the CA directory by a new CA whose name constraints "
+        "permit inference.local and the config's intercepted hosts, and rewrite <ca_dir>/bundle.pem. "
+        "The old files are replaced only once the new ones are complete.",
+    )
+    rotate.add_argument("-c", "--config", metavar="C", help="YAML config file (default: the embedded default config)")
+    rotate.add_argument("--ca-dir", metavar="D", help="directory of ca.pem and ca.key, overriding the config")
+    rotate.set_defaults(run=_ca_rotate)
+
+
+def _ca_rotate(args: argparse.Namespace) -> int:
+    try:
+        config = with_overrides(load_config(args.config, os.environ, require_keys=False), None, args.ca_dir)
+        hosts = permitted_hosts(config)
+        ca = CertificateAuthority.rotate(config.ca_dir, permitted=hosts)
+        bundle, notes = refresh_bundle(ca)
+    except (ConfigError, CAError, EnvError, OSError) as e:
+        print(f"navtwist ca rotate: {e}", file=sys.stderr)
+        return USER_ERROR
+    for note in notes:
+        print(f"navtwist ca rotate: {note}", file=sys.stderr)
+    print(
+        f"navtwist ca rotate: re-issued the CA in {config.ca_dir} for {', '.join(dict.fromkeys(hosts))} "
+        f"and rewrote {bundle}; restart navtwist and the sandboxes so they pick up the new CA"
+    )
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
-from navtwist.ca import CertificateAuthority
+from navtwist.ca import CertificateAuthority, permitted_hosts
 from navtwist.config import Config
 
 BUNDLE_NAME = "bundle.pem"
@@ -78,18 +78,32 @@ def prepare(config: Config, proxy_url: str | None, system_stores: Iterable[str] 
             notes.append(note)
     else:
         url = check_proxy_url(proxy_url)
-    ca = CertificateAuthority.load_or_create(config.ca_dir)
+    ca = CertificateAuthority.load_or_create(config.ca_dir, permitted=permitted_hosts(config))
     ca_path = Path(os.path.abspath(ca.cert_path))
-    bundle_path = ca_path.with_name(BUNDLE_NAME)
+    bundle_path, bundle_notes = refresh_bundle(ca, system_stores)
+    notes.extend(bundle_notes)
+    return SandboxEnv(sandbox_variables(url, bundle_path, ca_path), notes)
+
+
+def refresh_bundle(ca: CertificateAuthority, system_stores: Iterable[str] | None = None) -> tuple[Path, list[str]]:
+    """(Re)write the bundle next to C{ca}'s certificate; returns its path and notes for the user.
+
+    C{system_stores} (None: L{system_store_candidates}) are the files tried
+    for the system's CAs.
+
+    @raise EnvError: when the bundle cannot be written.
+    """
+    bundle_path = Path(os.path.abspath(ca.cert_path)).with_name(BUNDLE_NAME)
     stores = system_store_candidates() if system_stores is None else system_stores
     system = read_system_store(stores, exclude=bundle_path)
+    notes: list[str] = []
     if system is None:
         notes.append(
             f"warning: no system CA store found; {bundle_path} holds only navtwist's CA, "
             "so tools using it will not trust other HTTPS servers"
         )
     write_bundle(bundle_path, system, ca.certificate_pem())
-    return SandboxEnv(sandbox_variables(url, bundle_path, ca_path), notes)
+    return bundle_path, notes
 
 
 def sandbox_variables(proxy_url: str, bundle: Path, ca: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from navtwist.service.admin import make_admin_site
-from navtwist.ca import CAError, CertificateAuthority
+from navtwist.ca import CAError, CertificateAuthority, permitted_hosts
 from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.decisions import DecisionLog
@@ -108,9 +108,12 @@ def make_service(
     re-raise the signal and exit 143).
     """
     try:
-        ca = CertificateAuthority.load_or_create(config.ca_dir)
+        ca = load_ca(config)
     except CAError as e:
         raise SystemExit(f"navtwist: {e}") from None
+    if ca.unconstrained and config.ca_name_constraints:
+        log.warn("CA certificate {path} has no name constraints (made by an earlier navtwist): a leaked ca.key "
+                 "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
     clients = UpstreamClients(reactor)
@@ -180,8 +183,16 @@ def make_service(
             for note in startup_notes(new.policy.intercept):
                 log.warn("{note}", note=note)
 
+        def load_checked(previous: Config) -> Config:
+            new = reload(previous)
+            uncovered = ca.covers(permitted_hosts(new))
+            if uncovered is not None:
+                raise ConfigError(f"the CA's name constraints do not permit {uncovered}; "
+                                  "re-issue the CA with: navtwist ca rotate --config PATH, then restart")
+            return new
+
         ConfigReloader(
-            config, reload, apply, reactor, config_path, watch_interval,
+            config, load_checked, apply, reactor, config_path, watch_interval,
             watched=lambda current: [c.location for c in current.credentials if c.source == "file"],
         ).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
@@ -198,6 +209,21 @@ def make_service(
             provider=route.provider_type or ("mock" if route.is_mock else "openai-compatible"),
         )
     return top
+
+
+def load_ca(config: Config) -> CertificateAuthority:
+    """The CA, constrained to the hosts navtwist may present leaves for (unless
+    C{ca_name_constraints: false}); an existing CA must cover them either way.
+
+    @raise CAError: with one line naming the uncovered host and the fix.
+    """
+    hosts = permitted_hosts(config)
+    ca = CertificateAuthority.load_or_create(config.ca_dir, permitted=hosts if config.ca_name_constraints else None)
+    uncovered = ca.covers(hosts)
+    if uncovered is not None:
+        raise CAError(f"CA certificate {ca.cert_path} is not valid for {uncovered}; "
+                      "re-issue the CA with: navtwist ca rotate --config PATH")
+    return ca
 
 
 def makeService(options: Options) -> service.MultiService:
