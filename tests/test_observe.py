@@ -5,7 +5,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 
 from navtwist.outcome import Refusal
 from navtwist.upstream.exchange import UpstreamStatus

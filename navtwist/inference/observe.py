@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived, ResponseFailed
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from navtwist.outcome import Refusal
 from navtwist.upstream.exchange import UpstreamStatus
