@@ -4,13 +4,30 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test bench clean
+.PHONY: run test check check-floor bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= navtwist $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast deterministic tier: no sockets, no subprocesses, no SDKs needed.
+FAST := -m "not integration" -q
+check: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
+
+# The same tier on the lowest release of every dependency (constraints-floor.txt),
+# in a venv of its own that has no client SDKs.
+FLOOR_VENV ?= .venv-floor
+check-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -m pytest $(FAST) $(PYTEST_ARGS)
+
+$(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c constraints-floor.txt -e '.[check]' --config-settings editable_mode=compat
+	touch $@
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +43,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $(VENV)/.installed $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info twisted/plugins/dropin.cache
 
 # --- benchmarks (bench/; not part of `make test`) ------------------------------------
 # Two venvs: mitmproxy 11 pins pyOpenSSL<=24.3, while Twisted[tls] 26 needs pyOpenSSL>=25.3;

@@ -1,33 +1,222 @@
-"""The one place navtwist touches Twisted's private names, checked at import.
+"""Every private Twisted name navtwist uses, behind one wall checked at import.
 
-A silent fallback to Twisted's defaults in the HTTP channel would reopen the
-request-smuggling holes the hardened channel closes, so a Twisted release
-that lacks one of these names stops navtwist at start with a message naming
-it, instead of running without the check.
+The hardened HTTP channel refuses request smuggling by overriding private
+hooks of twisted.web's C{HTTPChannel} and chunked decoder.  Were a Twisted
+release to rename one, the override would silently stop being called and
+Twisted's more lenient default would take its place: a security regression
+with every test of the happy path still green.  So this module checks each
+hook when it is imported (names, signatures, and the attributes Twisted
+sets, by driving a channel and a decoder once) and refuses to import, naming
+the missing hook and the supported Twisted range, rather than run without it.
+
+Nothing else in navtwist may use a private Twisted name: the rest of the code
+uses the owned names below (L{ChannelHooks}, L{ChunkedDecoderHooks},
+L{MalformedChunkedDataError}, L{quiet_pool}).
 """
 from __future__ import annotations
 
-from twisted.web.http import HTTPChannel
+import inspect
+from types import ModuleType, SimpleNamespace
+from typing import Any, Callable
+
+import twisted
+from twisted.web import client, http
+from twisted.web.http_headers import Headers
+
+# Keep in step with the twisted requirement in pyproject.toml.
+SUPPORTED_TWISTED = ">=25.5.0,<27"
 
 
-class UnsupportedTwisted(ImportError):
-    """This Twisted lacks a private name navtwist relies on."""
+class TwistedIncompatible(ImportError):
+    """The installed Twisted lacks a private hook navtwist's defences rely on."""
 
 
-def _channel_has_request_line() -> None:
-    # HTTPChannel stores the request line in these attributes while the head is read
-    # (twisted/web/http.py, HTTPChannel.lineReceived and allContentReceived).
-    import inspect
-
-    source = inspect.getsource(HTTPChannel.lineReceived)
-    for name in ("_command", "_path", "_version"):
-        if f"self.{name}" not in source:
-            raise UnsupportedTwisted(f"navtwist needs HTTPChannel.{name}, which this Twisted does not set")
-
-
-_channel_has_request_line()
+def _method(owner: type, name: str, params: tuple[str, ...]) -> str | None:
+    """Why C{owner.name} is not a method taking C{params} after C{self}, or None."""
+    function = getattr(owner, name, None)
+    if not callable(function):
+        return f"{owner.__module__}.{owner.__qualname__}.{name} is missing"
+    found = tuple(inspect.signature(function).parameters)[1:]
+    if found != params:
+        return f"{owner.__module__}.{owner.__qualname__}.{name} takes {found}, not {params}"
+    return None
 
 
-def request_line(channel: HTTPChannel) -> tuple[bytes, bytes, bytes]:
-    """The method, request-target and version of the request whose head C{channel} just read."""
-    return channel._command, channel._path, channel._version  # type: ignore[attr-defined]
+def _probe(what: str, run: Callable[[], object], expected: object) -> str | None:
+    """Why C{run()} (reading a private attribute Twisted sets) is not C{expected}, or None."""
+    try:
+        found = run()
+    except Exception as e:  # an AttributeError above all, but any failure means the same
+        return f"{what} is missing ({type(e).__name__}: {e})"
+    return None if found == expected else f"{what} is {found!r}, not {expected!r}"
+
+
+def problems(web_http: ModuleType = http, web_client: ModuleType = client) -> list[str]:
+    """Every private hook navtwist needs that these Twisted modules lack, one line each."""
+    found: list[str] = []
+    for module, name in ((web_http, "_ChunkedTransferDecoder"), (web_http, "_MalformedChunkedDataError"),
+                         (web_client, "_HTTP11ClientFactory")):
+        if not isinstance(getattr(module, name, None), type):
+            found.append(f"{module.__name__}.{name} is missing")
+    if found:
+        return found
+    channel, decoder = web_http.HTTPChannel, web_http._ChunkedTransferDecoder
+    checks = [
+        _method(channel, "_respondToBadRequestAndDisconnect", ()),
+        _method(channel, "_send100Continue", ()),
+        _method(decoder, "_dataReceived_CHUNK_LENGTH", ()),
+        _method(decoder, "_dataReceived_TRAILER", ()),
+        _method(web_client._HTTP11ClientFactory, "__init__", ("quiescentCallback", "metadata")),
+        _probe("twisted.web.client.HTTPConnectionPool._factory",
+               lambda: web_client.HTTPConnectionPool._factory, web_client._HTTP11ClientFactory),
+        _probe("twisted.web.http.HTTPChannel._abortingCall", lambda: channel._abortingCall, None),
+        _probe("twisted.protocols.basic.LineReceiver._buffer (the unparsed bytes)",
+               lambda: _fed_channel(channel, b"GET / HT")._buffer, b"GET / HT"),
+    ]
+    # A request line and one header, as the channel's parser sees them.
+    head = _fed_channel(channel)
+    head.requestFactory = lambda channel, queued: SimpleNamespace(
+        requestHeaders=Headers(), handleContentChunk=lambda data: None)
+    try:
+        head.lineReceived(b"GET / HTTP/1.1")
+        head.headerReceived(b"Transfer-Encoding: chunked")
+    except Exception as e:
+        checks.append(f"twisted.web.http.HTTPChannel cannot parse a head ({type(e).__name__}: {e})")
+    else:
+        checks += [
+            _probe("twisted.web.http.HTTPChannel._version", lambda: head._version, b"HTTP/1.1"),
+            _probe("twisted.web.http.HTTPChannel._command", lambda: head._command, b"GET"),
+            _probe("twisted.web.http.HTTPChannel._path", lambda: head._path, b"/"),
+            _probe("twisted.web.http.HTTPChannel._receivedHeaderCount", lambda: head._receivedHeaderCount, 1),
+            _probe("twisted.web.http.HTTPChannel._receivedHeaderSize", lambda: head._receivedHeaderSize, 14),
+            _probe("twisted.web.http.HTTPChannel._transferDecoder",
+                   lambda: type(head._transferDecoder), web_http._ChunkedTransferDecoder),
+        ]
+    # A chunked body with one trailer line, as the decoder sees it.
+    body = decoder(lambda data: None, lambda rest: None)
+    try:
+        body.dataReceived(b"1\r\na\r\n0\r\nx: y\r\n\r\n")
+    except Exception as e:
+        checks.append(f"twisted.web.http._ChunkedTransferDecoder cannot decode ({type(e).__name__}: {e})")
+    else:
+        checks += [
+            _probe("twisted.web.http._ChunkedTransferDecoder._trailerHeaders", lambda: body._trailerHeaders, [b"x: y"]),
+            _probe("twisted.web.http._ChunkedTransferDecoder._buffer", lambda: type(body._buffer), bytearray),
+        ]
+    return found + [problem for problem in checks if problem is not None]
+
+
+def _fed_channel(channel: type, data: bytes = b"") -> Any:
+    """A channel without a transport, after C{data}."""
+    probe = channel()
+    probe.dataReceived(data)
+    return probe
+
+
+def check(**modules: ModuleType) -> None:
+    """Refuse (L{TwistedIncompatible}) if any hook is missing; C{modules} as for L{problems}."""
+    missing = problems(**modules)
+    if missing:
+        raise TwistedIncompatible(
+            f"navtwist cannot run on Twisted {twisted.__version__} (supported: {SUPPORTED_TWISTED}): "
+            + "; ".join(missing)
+            + ". Its HTTP hardening depends on these, and it refuses to start without them."
+        )
+
+
+check()
+
+# --- the owned names, for the rest of navtwist -------------------------------------------
+
+MalformedChunkedDataError: type[Exception] = http._MalformedChunkedDataError
+
+
+class ChunkedDecoderHooks(http._ChunkedTransferDecoder):
+    """Twisted's chunked decoder with its private state hooks under owned names."""
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        return self.chunk_length_received()
+
+    def _dataReceived_TRAILER(self) -> bool:
+        return self.trailer_received()
+
+    def chunk_length_received(self) -> bool:
+        """Parse a chunk-size line from L{buffered}; False while more bytes are needed."""
+        return bool(super()._dataReceived_CHUNK_LENGTH())
+
+    def trailer_received(self) -> bool:
+        """Parse a trailer line (appended to L{trailer_lines}); False while more bytes are needed."""
+        return bool(super()._dataReceived_TRAILER())
+
+    @property
+    def buffered(self) -> bytearray:
+        """The bytes received and not yet parsed."""
+        return self._buffer  # type: ignore[no-any-return]
+
+    @property
+    def trailer_lines(self) -> list[bytearray]:
+        """The raw trailer lines so far (Twisted does not parse them)."""
+        return self._trailerHeaders  # type: ignore[no-any-return]
+
+
+class ChannelHooks(http.HTTPChannel):
+    """Twisted's HTTP server channel with the private parts navtwist uses under owned names."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.respond_to_bad_request()
+
+    def _send100Continue(self) -> None:
+        self.send_100_continue()
+
+    def respond_to_bad_request(self) -> None:
+        """Twisted's answer to every parse failure and to its header limits."""
+        super()._respondToBadRequestAndDisconnect()
+
+    def send_100_continue(self) -> None:
+        """Tell a client waiting with C{Expect: 100-continue} to send the body."""
+        super()._send100Continue()
+
+    def request_line(self) -> tuple[bytes, bytes, bytes]:
+        """The method, request-target and version of the request whose head was just read."""
+        return self._command, self._path, self._version  # type: ignore[no-any-return]
+
+    @property
+    def request_version(self) -> bytes:
+        """The HTTP version of the request line being parsed."""
+        return self._version  # type: ignore[no-any-return]
+
+    def head_over_limits(self) -> bool:
+        """Whether the head being parsed has more headers or bytes than the channel allows."""
+        return bool(self._receivedHeaderCount > self.maxHeaders or self._receivedHeaderSize > self.totalHeadersSize)
+
+    @property
+    def buffered_lines(self) -> bytes:
+        """The bytes received and not yet parsed (in line mode, a part-read head)."""
+        return self._buffer  # type: ignore[no-any-return]
+
+    def discard_buffered_lines(self) -> None:
+        """Drop the bytes received and not yet parsed, so that none of them is parsed."""
+        self._buffer = b""
+
+    def abort_later(self) -> None:
+        """Abort the connection after C{abortTimeout} unless it closes first, as
+        Twisted's own timeout does (and with the call Twisted cancels on close)."""
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def use_chunked_decoder(self, decoder: type[ChunkedDecoderHooks]) -> None:
+        """Decode a chunked body of the request being parsed with C{decoder}."""
+        current = self._transferDecoder
+        if type(current) is http._ChunkedTransferDecoder:
+            self._transferDecoder = decoder(current.dataCallback, current.finishCallback)
+
+
+class _QuietClientFactory(client._HTTP11ClientFactory):
+    """The pool's connection factory, without a "Starting factory" log line per connection."""
+
+    noisy = False
+
+
+def quiet_pool(pool: client.HTTPConnectionPool) -> None:
+    """Make C{pool} log nothing when it opens a connection (Twisted's documented
+    hook for the pool's factory is a private attribute)."""
+    pool._factory = _QuietClientFactory

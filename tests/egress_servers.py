@@ -1,6 +1,6 @@
 """Loopback servers and raw clients for the egress integration tests.
 
-The servers (TCP echo, banner, blast; HTTP and HTTPS) run in daemon threads
+The servers (TCP echo and banner; HTTP and HTTPS) run in daemon threads
 on 127.0.0.1 or ::1 and record what reached them, so a test can check both
 what got through the proxy and that a refused request never arrived.  The
 client side is L{Conn}: one plain or TLS socket with a read buffer, enough
@@ -215,37 +215,6 @@ def banner(sock: socket.socket, peer: Peer) -> None:
     sock.shutdown(socket.SHUT_WR)
     while peer.recv(sock):
         pass
-
-
-BLOCK = bytes(range(256)) * (4 * KiB)  # 1 MiB
-
-
-def blast(sock: socket.socket, peer: Peer) -> None:
-    """A throughput peer: after C{"D n\\n"} it sends n bytes; after C{"U n\\n"} it reads n and says C{"ok\\n"}."""
-    command = b""
-    while b"\n" not in command:
-        chunk = sock.recv(64)
-        if not chunk:
-            return
-        command += chunk
-    line, _, early = command.partition(b"\n")
-    op, size = line.split()
-    remaining = int(size)
-    if op == b"D":
-        view = memoryview(BLOCK)
-        while remaining:
-            n = min(remaining, len(BLOCK))
-            sock.sendall(view[:n])
-            remaining -= n
-    else:
-        remaining -= len(early)
-        buffer = bytearray(MiB)
-        while remaining > 0:
-            n = sock.recv_into(buffer)
-            if not n:
-                return
-            remaining -= n
-        sock.sendall(b"ok\n")
 
 
 def refusing_port() -> socket.socket:

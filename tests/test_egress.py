@@ -11,7 +11,7 @@ from navtwist.egress.dial import Egress
 from navtwist.outcome import Refusal
 from navtwist.egress.policy import Policy
 
-from fakes import FakeResolver
+from navtwist.testing import FakeResolver
 
 
 ALLOW = ["api.github.com:443", "*.pythonhosted.org:443", "pypi.org:*", "127.0.0.1:8080",

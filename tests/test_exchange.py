@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from fakes import FakeResponse, Harness, make_harness
+from navtwist.testing import FakeResponse, Harness, make_harness
 from navtwist.outcome import Outcome
 from navtwist.upstream.exchange import _TRANSITIONS, Phase, request_record
 

@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -26,6 +26,7 @@ from navtwist.config import Limits, Timeouts
 from navtwist.egress.policy import Policy
 from navtwist.outcome import Refusal
 from navtwist.http.head import BadHead, parse_head
+from navtwist.testing import RecordingTransport
 from navtwist.http.channel import HardenedChannel, HardenedSite
 from navtwist.http.sites import InterceptSite
 from navtwist.listener import ProxyFactory
@@ -39,12 +40,11 @@ TIMEOUTS = Timeouts(head_read=5, tls_handshake=3, keepalive_idle=60)
 # --- fakes ---------------------------------------------------------------------------
 
 
-class FakeTransport(StringTransport):
+class FakeTransport(RecordingTransport):
     """Records a close in C{closed} but, like a TLS transport, does not set
     C{disconnecting} at once: a parser must not rely on it to stop parsing."""
 
-    closed = aborted = False
-    tls: object = None
+    closed = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,12 +52,6 @@ class FakeTransport(StringTransport):
 
     def loseConnection(self) -> None:
         self.closed = True
-
-    def abortConnection(self) -> None:
-        self.closed = self.aborted = True
-
-    def startTLS(self, options: object, normal: bool = True) -> None:
-        self.tls = options
 
 
 class Recorder:

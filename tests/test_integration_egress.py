@@ -26,7 +26,6 @@ import pytest
 
 from egress_servers import (
     BANNER,
-    BLOCK,
     STREAM_INTERVAL,
     STREAM_PARTS,
     TIMEOUT,
@@ -38,7 +37,6 @@ from egress_servers import (
     TcpServer,
     assert_proxy_refusal,
     banner,
-    blast,
     connect,
     echo,
     ipv6_loopback,
@@ -60,7 +58,6 @@ class Servers:
     echo: TcpServer
     tls_echo: TcpServer
     banner: TcpServer
-    blast: TcpServer
     unlisted: TcpServer  # listening, but in no policy entry
     named: TcpServer  # listed only as localhost:port, so the SSRF guard must refuse it
     web: HttpServer
@@ -71,13 +68,13 @@ class Servers:
 
     def ports(self) -> dict[str, int | None]:
         return {"echo": self.echo.port, "tls_echo": self.tls_echo.port, "banner": self.banner.port,
-                "blast": self.blast.port, "unlisted": self.unlisted.port, "named": self.named.port,
+                "unlisted": self.unlisted.port, "named": self.named.port,
                 "web": self.web.port, "tls_web": self.tls_web.port, "named_web": self.named_web.port,
                 "echo6": self.echo6 and self.echo6.port, "closed": self.closed}
 
     def accepted(self) -> int:
         """Connections accepted by all the TCP servers so far."""
-        tcp = [self.echo, self.tls_echo, self.banner, self.blast, self.unlisted, self.named, self.echo6]
+        tcp = [self.echo, self.tls_echo, self.banner, self.unlisted, self.named, self.echo6]
         return sum(server.accepted for server in tcp if server is not None)
 
     def requests(self) -> int:
@@ -99,7 +96,6 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             echo=started(TcpServer(echo)),
             tls_echo=started(TcpServer(echo, tls=cert.server_context())),
             banner=started(TcpServer(banner)),
-            blast=started(TcpServer(blast)),
             unlisted=started(TcpServer(echo)),
             named=started(TcpServer(echo)),
             web=started(HttpServer()),
@@ -112,7 +108,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 @pytest.fixture(scope="module")
 def proxy(start_module_proxy, servers: Servers):  # type: ignore[no-untyped-def]
-    listed = [servers.echo, servers.tls_echo, servers.banner, servers.blast, servers.web, servers.tls_web]
+    listed = [servers.echo, servers.tls_echo, servers.banner, servers.web, servers.tls_web]
     allow = [f"127.0.0.1:{server.port}" for server in listed] + [
         f"127.0.0.1:{servers.closed}",
         f"localhost:{servers.named.port}",
@@ -339,46 +335,6 @@ def test_64_mib_each_way_intact_with_bounded_proxy_memory(proxy, servers):
     assert peer.received == total and peer.received_hash.digest() == sent_hash.digest(), "client → server corrupted"
     assert received_hash.digest() == peer.sent_hash.digest() == sent_hash.digest(), "server → client corrupted"
     assert growth < 32 * MiB
-
-
-THROUGHPUT_BYTES = 256 * MiB
-
-
-def _download(sock: socket.socket, size: int) -> float:
-    sock.sendall(b"D %d\n" % size)
-    buffer = bytearray(MiB)
-    got = 0
-    start = time.perf_counter()
-    while got < size:
-        n = sock.recv_into(buffer)
-        assert n, f"closed after {got} bytes"
-        got += n
-    return time.perf_counter() - start
-
-
-def _upload(sock: socket.socket, size: int) -> float:
-    view = memoryview(BLOCK)
-    start = time.perf_counter()
-    sock.sendall(b"U %d\n" % size)
-    for offset in range(0, size, len(BLOCK)):
-        sock.sendall(view[:min(len(BLOCK), size - offset)])
-    assert sock.recv(3) == b"ok\n"
-    return time.perf_counter() - start
-
-
-def test_tunnel_throughput(proxy, servers):
-    rates = {}
-    for route in ("direct", "tunnel"):
-        for direction, transfer in (("down", _download), ("up", _upload)):
-            if route == "direct":
-                conn = Conn(socket.create_connection(("127.0.0.1", servers.blast.port), timeout=TIMEOUT))
-            else:
-                conn = tunnel(proxy, servers, "127.0.0.1:{blast}")
-            with conn:
-                rates[route, direction] = THROUGHPUT_BYTES / MiB / transfer(conn.sock, THROUGHPUT_BYTES)
-    print(f"\nthroughput of {THROUGHPUT_BYTES // MiB} MiB, MiB/s: " + ", ".join(
-        f"{direction} direct {rates['direct', direction]:.0f} vs tunnel {rates['tunnel', direction]:.0f}"
-        for direction in ("down", "up")))
 
 
 # --- plain http:// forwarding ----------------------------------------------------------

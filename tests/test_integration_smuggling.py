@@ -192,12 +192,16 @@ VECTORS = [
 ]
 
 
-@pytest.mark.parametrize(("vector", "status", "code"), VECTORS)
-def test_vector_is_refused(channel: Channel, vector: Vector, status: int, code: str):
+def _attack(channel: Channel, vector: Vector, status: int, code: str) -> None:
+    """Send C{vector} on C{channel} and check its refusal."""
     path = "/v1/chat/completions" if channel.intercepted else VECTOR_PATH
     vector.send(channel.conn, channel.target + path, channel.host)
-
     channel.refusal(status, code)
+
+
+@pytest.mark.parametrize(("vector", "status", "code"), VECTORS)
+def test_vector_is_refused(channel: Channel, vector: Vector, status: int, code: str):
+    _attack(channel, vector, status, code)
 
 
 CONNECT_LINE = "CONNECT inference.local:443 HTTP/1.1"
@@ -274,10 +278,21 @@ def test_stalled_heads_do_not_hold_up_others(patient_proxy, web):
 
 
 def test_process_survived_and_logged_no_error(proxy, web):
+    # Its own attack, so that it holds whichever tests ran before it: each vector, once,
+    # on one of the channels in turn; then every channel still serves a well-behaved client.
+    names = list(CHANNELS)
+    for i, (attack, status, code) in enumerate(param.values for param in VECTORS):
+        open_channel, warm = CHANNELS[names[i % len(names)]]
+        channel = open_channel(proxy, web)
+        with channel.conn:
+            if warm:
+                _warm_up(channel)
+            _attack(channel, attack, status, code)
     for open_channel, _ in CHANNELS.values():
         channel = open_channel(proxy, web)
         with channel.conn:
             _served(channel)
+    assert not {VECTOR_PATH, SMUGGLED_PATH} & {path.split("?")[0] for path in web.paths()}, web.paths()
     assert proxy.process.poll() is None
     log = proxy.log_text()
     assert "Traceback" not in log and "Unhandled Error" not in log, log

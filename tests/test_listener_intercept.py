@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from navtwist.ca import CAError
@@ -15,7 +15,7 @@ from navtwist.egress.policy import Policy
 from navtwist.intercept.rules import parse_intercept
 from navtwist.listener import Mode, ProxyFactory
 
-from fakes import FakeResolver
+from navtwist.testing import FakeResolver, RecordingTransport
 
 
 class FakeCA:
@@ -28,13 +28,6 @@ class FakeCA:
         if self.broken:
             raise CAError("CA certificate expired")
         return f"tls-options-for-{hostname}"
-
-
-class TLSStringTransport(StringTransport):
-    tls: object = None
-
-    def startTLS(self, options: object, normal: bool = True) -> None:
-        self.tls = options
 
 
 class Site:
@@ -90,9 +83,9 @@ def _factory(ca: FakeCA | None = None, policy: Policy | None = None) -> tuple[Pr
     return factory, {**sites, "decisions": decisions, "clock": clock}
 
 
-def _connect(factory: ProxyFactory, head: bytes) -> tuple[Any, TLSStringTransport]:
+def _connect(factory: ProxyFactory, head: bytes) -> tuple[Any, RecordingTransport]:
     protocol = factory.buildProtocol(None)
-    transport = TLSStringTransport()
+    transport = RecordingTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(head)
     return protocol, transport

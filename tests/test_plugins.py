@@ -13,7 +13,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 import navtwist.plugins
-from fakes import FakeResponse, Harness, make_harness
+from navtwist.testing import FakeResponse, Harness, make_harness
 from navtwist.inference import hooks, providers
 from navtwist.config import ConfigError, parse_config
 from navtwist.inference.hooks import InferenceRequest

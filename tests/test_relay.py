@@ -12,7 +12,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from fakes import FakeResponse, Harness, make_harness
+from navtwist.testing import FakeResponse, Harness, make_harness
 
 ROUTES = {
     "routes": [
@@ -119,7 +119,7 @@ def test_client_that_reads_nothing_is_dropped_and_upstream_stopped(harness: Harn
     response = _stream(harness)
     harness.channel.pauseProducing()
     harness.clock.advance(WRITE_STALL + 0.1)
-    assert harness.transport.disconnecting or getattr(harness.transport, "aborted", False)
+    assert harness.transport.aborted  # a client that reads nothing would wait out a polite close
     harness.disconnect()
     assert response.transport.stopped
 
@@ -187,7 +187,7 @@ def test_non_sse_body_cut_short_aborts_the_client_connection(harness: Harness) -
     response.send(b'{"data":')
     response.end(Failure(ResponseFailed([Failure(ConnectionDone())])))
     assert not harness.output().endswith(b"0\r\n\r\n")
-    assert getattr(harness.transport, "aborted", False) or harness.transport.disconnecting
+    assert harness.transport.aborted  # a clean close would pass the cut body off as complete
 
 
 def test_unreachable_upstream_is_503_without_internal_details(harness: Harness) -> None:

@@ -11,7 +11,7 @@ from twisted.web.client import ResponseFailed
 
 from twisted.logger import globalLogPublisher
 
-from fakes import FakeResponse, Harness, make_harness
+from navtwist.testing import FakeResponse, Harness, make_harness
 from navtwist.config import parse_config
 from navtwist.outcome import outcome_class
 

@@ -21,10 +21,11 @@ import json
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, _ChunkedTransferDecoder, _MalformedChunkedDataError
+from twisted.web.http import RESPONSES
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from navtwist.compat import ChannelHooks, ChunkedDecoderHooks, MalformedChunkedDataError
 from navtwist.config import Limits, Timeouts
 from navtwist.http.head import BadHead, check_framing_header, check_not_folded, parse_header_line
 from navtwist.outcome import Refusal
@@ -54,24 +55,24 @@ BODY_TOO_LARGE = Refusal(413, "request_too_large", "request body exceeds the pro
 REQUEST_TIMEOUT = Refusal(408, "request_timeout", "request not received in time")
 
 
-class _StrictChunkedDecoder(_ChunkedTransferDecoder):
+class _StrictChunkedDecoder(ChunkedDecoderHooks):
     """Twisted's chunked decoder, also refusing over-long chunk sizes and bad trailer lines."""
 
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        size = bytes(self._buffer[: _MAX_CHUNK_SIZE_DIGITS + 1]).split(b";", 1)[0].split(b"\r", 1)[0]
+    def chunk_length_received(self) -> bool:
+        size = bytes(self.buffered[: _MAX_CHUNK_SIZE_DIGITS + 1]).split(b";", 1)[0].split(b"\r", 1)[0]
         if len(size) > _MAX_CHUNK_SIZE_DIGITS:
-            raise _MalformedChunkedDataError("chunk size has more than 16 hex digits")
-        return super()._dataReceived_CHUNK_LENGTH()
+            raise MalformedChunkedDataError("chunk size has more than 16 hex digits")
+        return super().chunk_length_received()
 
-    def _dataReceived_TRAILER(self) -> bool:
+    def trailer_received(self) -> bool:
         # Twisted discards trailers unparsed; they must still be well-formed lines.
-        seen = len(self._trailerHeaders)
-        more = super()._dataReceived_TRAILER()
-        if len(self._trailerHeaders) > seen:
+        seen = len(self.trailer_lines)
+        more = super().trailer_received()
+        if len(self.trailer_lines) > seen:
             try:
-                parse_header_line(bytes(self._trailerHeaders[-1]))
+                parse_header_line(bytes(self.trailer_lines[-1]))
             except BadHead as e:
-                raise _MalformedChunkedDataError(str(e)) from None
+                raise MalformedChunkedDataError(str(e)) from None
         return more
 
 
@@ -105,7 +106,7 @@ class CappedRequest(Request):
             super().requestReceived(command, path, version)
 
 
-class HardenedChannel(HTTPChannel):
+class HardenedChannel(ChannelHooks):
     """HTTPChannel with the proxy's header rules, limits and head deadline.
 
     L{HardenedSite.buildProtocol} sets C{maxHeaders}, C{totalHeadersSize},
@@ -128,14 +129,14 @@ class HardenedChannel(HTTPChannel):
         self._stop_head_deadline()
         # Drop the lines still buffered in this read: a transport may report
         # C{disconnecting} late (TLS does), and they must not be parsed.
-        self._buffer = b""
+        self.discard_buffered_lines()
         if not self.transport.disconnecting:
             document = self.site.error_document(refusal, self._target)
             self.transport.write(raw_json_response(refusal.status, document))
         self.setTimeout(None)
         self.loseConnection()
         # As after Twisted's own timeout: a peer that never reads must not keep the socket.
-        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.abort_later()
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
@@ -160,7 +161,7 @@ class HardenedChannel(HTTPChannel):
     def headerReceived(self, line: bytes) -> bool:
         try:
             name, value = parse_header_line(line)
-            check_framing_header(name, value, self._version)
+            check_framing_header(name, value, self.request_version)
         except BadHead as e:
             self.refuse(bad_request(str(e)))
             return False
@@ -168,36 +169,34 @@ class HardenedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._stop_head_deadline()
-        if type(self._transferDecoder) is _ChunkedTransferDecoder:
-            decoder = self._transferDecoder
-            self._transferDecoder = _StrictChunkedDecoder(decoder.dataCallback, decoder.finishCallback)
+        self.use_chunked_decoder(_StrictChunkedDecoder)
         super().allHeadersReceived()
 
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
         self._target = None
         # The next request's head may already be waiting, part-read, in the line buffer.
-        if self.line_mode and self._buffer and not self.refused:
+        if self.line_mode and self.buffered_lines and not self.refused:
             self._start_head_deadline()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Twisted would close without a word.
         self.refuse(HEADERS_TOO_LARGE)
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def respond_to_bad_request(self) -> None:
         # Twisted calls this for every parse failure and for its header limits;
         # the limits deserve 431, the rest 400.
-        if self._receivedHeaderCount > self.maxHeaders or self._receivedHeaderSize > self.totalHeadersSize:
+        if self.head_over_limits():
             self.refuse(HEADERS_TOO_LARGE)
         else:
             self.refuse(MALFORMED)
 
-    def _send100Continue(self) -> None:
+    def send_100_continue(self) -> None:
         # A request refused on its declared length must not be told to go on,
         # nor one already answered (a streaming request is rendered first).
         answered = not self.requests or self.requests[-1].startedWriting
         if not self.refused and not answered:
-            super()._send100Continue()
+            super().send_100_continue()
 
     def timeoutConnection(self) -> None:
         """A request stalled mid-way gets a 408; an idle connection is closed as Twisted does."""

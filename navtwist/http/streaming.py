@@ -23,7 +23,6 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from navtwist.compat import request_line
 from navtwist.http.channel import CappedRequest
 
 
@@ -132,7 +131,7 @@ class StreamingRequest(CappedRequest):
         self.content = io.BytesIO()
         transport = self.channel.transport
         self.body = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        command, path, version = request_line(self.channel)
+        command, path, version = self.channel.request_line()
         # Render now: the resource starts the upstream call and hands it the pipe.
         super(CappedRequest, self).requestReceived(command, path, version)
 

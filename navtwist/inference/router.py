@@ -17,12 +17,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 from treq.client import HTTPClient
 
+from navtwist.compat import quiet_pool
 from navtwist.inference import errors
 from navtwist.config import Route
 from navtwist.interfaces import IProviderProfile
@@ -104,12 +105,6 @@ def make_client(agent: IAgent) -> HTTPClient:
     )
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, without a "Starting factory" log line per connection."""
-
-    noisy = False
-
-
 class UpstreamClients:
     """One treq client per route; real routes (and forwarded requests) share one connection pool."""
 
@@ -118,7 +113,7 @@ class UpstreamClients:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
         self.pool.retryAutomatically = False
-        self.pool._factory = _QuietClientFactory  # the documented hook for the pool's factory
+        quiet_pool(self.pool)
         self._clients: dict[Route, HTTPClient] = {}
 
     def client_for(self, route: Route) -> HTTPClient:

@@ -1,4 +1,11 @@
-"""Scriptable upstream fakes for deterministic tests of the router and relay."""
+"""Deterministic test doubles for navtwist and its plugins, as treq ships treq.testing.
+
+L{make_harness} runs the real inference path (twisted.web channel, dispatcher,
+router, relay, request hooks and stream observers) over an in-memory
+transport: the upstream is a L{FakeAgent} the test answers by hand with
+L{FakeResponse}s, and a C{MemoryReactorClock} drives every timeout.  Nothing
+touches a socket.
+"""
 from __future__ import annotations
 
 import json
@@ -19,6 +26,27 @@ from navtwist.config import Limits, Timeouts, parse_config
 from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.http.sites import InterceptSite
 from navtwist.inference.router import Extensions, InferenceRouter, make_client
+
+
+class RecordingTransport(StringTransport):
+    """A C{StringTransport} that tells an abort from a close.
+
+    Twisted's own sets C{disconnecting} for both, so a test of "the peer is
+    cut off" would pass with a polite C{loseConnection}, which may wait for
+    ever on a peer that never reads.
+    """
+
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+    tls: object = None
+
+    def startTLS(self, options: object, normal: bool = True) -> None:
+        """Record the TLS options; the bytes stay plain."""
+        self.tls = options
 
 
 class _Collect:
@@ -71,7 +99,7 @@ class FakeAgent:
 
 @implementer(IPushProducer)
 class FakeBodyTransport:
-    """The transport a body protocol gets: records pause/resume/stop like _newclient's."""
+    """The transport a body protocol gets: records pause/resume/stop as Twisted's HTTP client does."""
 
     def __init__(self, response: "FakeResponse") -> None:
         self._response = response
@@ -144,10 +172,12 @@ class FakeResolver:
 
 @dataclass
 class Harness:
+    """One client connection to the inference.local site, and what is behind it."""
+
     clock: MemoryReactorClock
     agent: FakeAgent
     channel: object
-    transport: StringTransport
+    transport: RecordingTransport
     router: InferenceRouter
 
     def send(self, method: str, path: str, body: bytes = b"", **headers: str) -> None:
@@ -170,14 +200,14 @@ class Harness:
     def another_connection(self) -> "Harness":
         """A second client connection to the same site, router and upstream."""
         channel = self.channel.site.buildProtocol(None)
-        transport = StringTransport()
+        transport = RecordingTransport()
         channel.makeConnection(transport)
         return Harness(self.clock, self.agent, channel, transport, self.router)
 
 
 def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 1024,
                  extensions: Extensions | None = None) -> Harness:
-    """A real twisted.web channel on a StringTransport, serving the inference
+    """A real twisted.web channel on a L{RecordingTransport}, serving the inference
     dispatcher with routes from C{config}; upstream calls go to a L{FakeAgent}."""
     clock = MemoryReactorClock()
     agent = FakeAgent()
@@ -185,6 +215,6 @@ def make_harness(config: dict, write_stall: float = 15.0, max_body_bytes: int = 
                              extensions)
     site = InterceptSite(InferenceDispatcher(router), Limits(max_body_bytes=max_body_bytes), Timeouts(), clock)
     channel = site.buildProtocol(None)
-    transport = StringTransport()
+    transport = RecordingTransport()
     channel.makeConnection(transport)
     return Harness(clock, agent, channel, transport, router)

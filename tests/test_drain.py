@@ -1,0 +1,86 @@
+"""DrainService, driven by a MemoryReactorClock: idle connections close at once,
+busy ones are waited for until the deadline and then aborted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet.testing import MemoryReactorClock
+
+from navtwist.service.drain import POLL_INTERVAL, DrainService
+from navtwist.testing import RecordingTransport
+
+TIMEOUT = 5.0
+
+
+@dataclass(eq=False)
+class Connection:
+    """A listener connection as the drain sees it."""
+
+    is_busy: bool
+    transport: RecordingTransport = field(default_factory=RecordingTransport)
+
+    def busy(self) -> bool:
+        return self.is_busy
+
+
+@dataclass
+class Factory:
+    protocols: set[Connection] = field(default_factory=set)
+    draining: bool = False
+
+
+def _drain(*connections: Connection) -> tuple[Factory, MemoryReactorClock, list[None]]:
+    factory, clock, done = Factory(set(connections)), MemoryReactorClock(), []
+    drain = DrainService(factory, clock, TIMEOUT)  # type: ignore[arg-type]
+    drain.startService()
+    drain.stopService().addCallback(done.append)
+    return factory, clock, done
+
+
+def test_nothing_to_drain_stops_at_once() -> None:
+    factory, clock, done = _drain()
+    assert factory.draining and done == [None]
+
+
+def test_idle_connection_is_closed_at_once_and_waited_for() -> None:
+    idle = Connection(is_busy=False)
+    factory, clock, done = _drain(idle)
+    # Closed politely (what its transport still holds is sent first), not aborted.
+    assert idle.transport.disconnecting and not idle.transport.aborted
+    assert done == []  # closing is not gone
+    factory.protocols.clear()
+    clock.advance(POLL_INTERVAL)
+    assert done == [None]
+
+
+def test_busy_connection_is_left_to_finish() -> None:
+    busy = Connection(is_busy=True)
+    factory, clock, done = _drain(busy)
+    clock.pump([POLL_INTERVAL] * int(TIMEOUT / POLL_INTERVAL / 2))
+    assert not busy.transport.disconnecting and done == []
+    busy.is_busy = False  # its response ended: idle now, so closed on the next tick
+    clock.advance(POLL_INTERVAL)
+    assert busy.transport.disconnecting and not busy.transport.aborted
+    factory.protocols.clear()
+    clock.advance(POLL_INTERVAL)
+    assert done == [None]
+
+
+def test_connection_busy_past_the_deadline_is_aborted() -> None:
+    busy = Connection(is_busy=True)
+    factory, clock, done = _drain(busy)
+    clock.advance(TIMEOUT)
+    assert busy.transport.aborted
+    assert done == []  # the stop waits for the aborted connection to be torn down…
+    factory.protocols.clear()
+    clock.advance(POLL_INTERVAL)
+    assert done == [None]
+
+
+def test_drain_gives_up_a_second_after_the_deadline() -> None:
+    stuck = Connection(is_busy=True)
+    factory, clock, done = _drain(stuck)
+    clock.pump([POLL_INTERVAL] * int((TIMEOUT + 1) / POLL_INTERVAL - 1))
+    assert stuck.transport.aborted and done == []
+    clock.pump([POLL_INTERVAL] * 2)
+    assert done == [None]  # …but not for ever

@@ -1,0 +1,101 @@
+"""ForwardResource (plain http:// forwarding), driven deterministically: a real
+hardened channel on a RecordingTransport, a fake resolver and a fake agent."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from navtwist.config import Limits, Timeouts
+from navtwist.egress.dial import Egress
+from navtwist.egress.forward import ForwardResource
+from navtwist.egress.policy import Policy
+from navtwist.http.channel import HardenedSite
+from navtwist.testing import FakeAgent, FakeResolver, FakeResponse, RecordingTransport
+from navtwist.upstream.exchange import Deadlines
+
+FIRST_BYTE = 10.0
+
+
+class Client:
+    """One client connection to the forwarding site."""
+
+    def __init__(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.agent = FakeAgent()
+        egress = Egress(self.clock, self.clock, FakeResolver({"allowed.example": ["93.184.216.34"]}),
+                        Policy.parse(["allowed.example:80"]), connect_timeout=4)
+        resource = ForwardResource(egress, self.agent, self.clock, Deadlines(first_byte=FIRST_BYTE, idle=30,
+                                                                              write_stall=15))
+        self.channel = HardenedSite(resource, Limits(), Timeouts(), self.clock).buildProtocol(None)
+        self.transport = RecordingTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, target: str, headers: str = "Host: allowed.example\r\n") -> None:
+        self.channel.dataReceived(f"GET {target} HTTP/1.1\r\n{headers}\r\n".encode())
+
+    def refusal(self) -> tuple[int, dict]:
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), json.loads(body)
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client()
+
+
+def test_request_goes_to_the_checked_address_without_hop_headers(client: Client) -> None:
+    client.send("http://allowed.example/p?q=1", "Host: allowed.example\r\nConnection: x-private\r\n"
+                "X-Private: 1\r\nProxy-Authorization: Basic c2VjcmV0\r\nX-Kept: 2\r\n")
+    [call] = client.agent.calls
+    assert call.method == b"GET" and call.uri == b"http://93.184.216.34:80/p?q=1"
+    assert call.headers.getRawHeaders(b"host") == [b"allowed.example"]
+    assert call.headers.getRawHeaders(b"x-kept") == [b"2"]
+    for dropped in (b"connection", b"x-private", b"proxy-authorization"):
+        assert not call.headers.hasHeader(dropped), dropped
+    response = FakeResponse(headers={b"content-type": [b"text/plain"]}, length=2)
+    call.deferred.callback(response)
+    response.send(b"ok")
+    response.end()
+    head, _, body = client.transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 2" in head.lower() and body == b"ok"
+
+
+def test_destination_outside_the_policy_is_refused_and_never_asked(client: Client) -> None:
+    client.send("http://elsewhere.example/")
+    assert client.refusal()[0] == 403 and client.agent.calls == []
+
+
+@pytest.mark.parametrize("target, detail", [
+    ("https://allowed.example/", "use CONNECT for https:// URLs"),
+    ("http://user:pw@allowed.example/", "credentials in the URI are not forwarded"),
+    ("ftp://allowed.example/", "expected an absolute http:// URI"),
+])
+def test_bad_targets_are_400(client: Client, target: str, detail: str) -> None:
+    client.send(target)
+    assert client.refusal() == (400, {"error": "bad_request", "detail": detail}) and client.agent.calls == []
+
+
+def test_silent_destination_is_504_at_the_first_byte_deadline(client: Client) -> None:
+    client.send("http://allowed.example/")
+    client.clock.advance(FIRST_BYTE - 0.1)
+    assert client.transport.value() == b""
+    client.clock.advance(0.2)
+    assert client.refusal()[1]["error"] == "upstream_timeout" and client.agent.calls[0].cancelled
+
+
+def test_unreachable_destination_is_502_without_its_address(client: Client) -> None:
+    client.send("http://allowed.example/")
+    client.agent.calls[0].deferred.errback(Failure(ConnectionRefusedError("93.184.216.34")))
+    status, document = client.refusal()
+    assert (status, document["error"]) == (502, "upstream_unreachable")
+    assert b"93.184.216.34" not in client.transport.value()
+
+
+def test_client_leaving_cancels_the_call(client: Client) -> None:
+    client.send("http://allowed.example/")
+    client.channel.connectionLost(Failure(ConnectionDone()))
+    assert client.agent.calls[0].cancelled
