@@ -473,7 +473,22 @@ def _contains(subtree: x509.GeneralName, name: str) -> bool:
 
 def permitted_hosts(config: Config) -> tuple[str, ...]:
     """The hosts the CA for C{config} must permit: C{inference.local} and every intercepted host."""
-    return (*DEFAULT_PERMITTED, *(endpoint.host for endpoint in getattr(config.policy, "intercept", ())))
+    return (*DEFAULT_PERMITTED, *(entry.host for entry in config.policy.intercept))
+
+
+def load_for(config: Config) -> CertificateAuthority:
+    """The CA, constrained to the hosts navtwist may present leaves for (unless
+    C{ca_name_constraints: false}); an existing CA must cover them either way.
+
+    @raise CAError: with one line naming the uncovered host and the fix.
+    """
+    hosts = permitted_hosts(config)
+    ca = CertificateAuthority.load_or_create(config.ca_dir, permitted=hosts if config.ca_name_constraints else None)
+    uncovered = ca.covers(hosts)
+    if uncovered is not None:
+        raise CAError(f"CA certificate {ca.cert_path} is not valid for {uncovered}; "
+                      "re-issue the CA with: navtwist ca rotate --config PATH")
+    return ca
 
 
 @contextlib.contextmanager

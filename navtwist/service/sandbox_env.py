@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
-from navtwist.ca import CertificateAuthority, permitted_hosts
+from navtwist.ca import CertificateAuthority, load_for
+from navtwist.intercept.credentials import CredentialSet, load_or_create_seed
 from navtwist.config import Config
 
 BUNDLE_NAME = "bundle.pem"
@@ -78,11 +79,19 @@ def prepare(config: Config, proxy_url: str | None, system_stores: Iterable[str] 
             notes.append(note)
     else:
         url = check_proxy_url(proxy_url)
-    ca = CertificateAuthority.load_or_create(config.ca_dir, permitted=permitted_hosts(config))
+    ca = load_for(config)
     ca_path = Path(os.path.abspath(ca.cert_path))
     bundle_path, bundle_notes = refresh_bundle(ca, system_stores)
     notes.extend(bundle_notes)
-    return SandboxEnv(sandbox_variables(url, bundle_path, ca_path), notes)
+    variables = sandbox_variables(url, bundle_path, ca_path)
+    placeholders: dict[str, str] = {}
+    if config.credentials:
+        seed = load_or_create_seed(Path(config.ca_dir))
+        placeholders = CredentialSet.create(config.credentials, seed).env_variables()
+    clash = sorted(set(placeholders) & set(variables))
+    if clash:
+        raise EnvError(f"credentials: sandbox_env {clash[0]} is one of the proxy variables navtwist env prints")
+    return SandboxEnv({**variables, **placeholders}, notes)
 
 
 def refresh_bundle(ca: CertificateAuthority, system_stores: Iterable[str] | None = None) -> tuple[Path, list[str]]:

@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from navtwist.service.admin import make_admin_site
-from navtwist.ca import CAError, CertificateAuthority, permitted_hosts
+from navtwist.ca import CAError, load_for, permitted_hosts
 from navtwist.config import Config, ConfigError, load_config, with_overrides
 from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.decisions import DecisionLog
@@ -108,7 +108,7 @@ def make_service(
     re-raise the signal and exit 143).
     """
     try:
-        ca = load_ca(config)
+        ca = load_for(config)
     except CAError as e:
         raise SystemExit(f"navtwist: {e}") from None
     if ca.unconstrained and config.ca_name_constraints:
@@ -209,21 +209,6 @@ def make_service(
             provider=route.provider_type or ("mock" if route.is_mock else "openai-compatible"),
         )
     return top
-
-
-def load_ca(config: Config) -> CertificateAuthority:
-    """The CA, constrained to the hosts navtwist may present leaves for (unless
-    C{ca_name_constraints: false}); an existing CA must cover them either way.
-
-    @raise CAError: with one line naming the uncovered host and the fix.
-    """
-    hosts = permitted_hosts(config)
-    ca = CertificateAuthority.load_or_create(config.ca_dir, permitted=hosts if config.ca_name_constraints else None)
-    uncovered = ca.covers(hosts)
-    if uncovered is not None:
-        raise CAError(f"CA certificate {ca.cert_path} is not valid for {uncovered}; "
-                      "re-issue the CA with: navtwist ca rotate --config PATH")
-    return ca
 
 
 def makeService(options: Options) -> service.MultiService:
