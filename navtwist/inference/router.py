@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.server import Request
@@ -26,12 +26,14 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from navtwist.inference import errors
-from navtwist.config import Route
+from navtwist.config import Limits, Route
 from navtwist.interfaces import IProviderProfile
 from navtwist.inference.mock import MockAgent
 from navtwist.inference.protocols import STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
 from navtwist.upstream.body import BytesProducer
+from navtwist.upstream.connection import HeadLimits, client_factory, refused_answer
+from navtwist.upstream.decode import DecodeLimits, DecodingAgent
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, RouteBusy
 from navtwist.inference.hooks import InferenceRequest, run_request_hooks
@@ -92,34 +94,39 @@ def upstream_model(route: Route, requested: str | None) -> str | None:
     return route.model or requested
 
 
-def make_client(agent: IAgent) -> HTTPClient:
+def make_client(agent: IAgent, decode: DecodeLimits = DecodeLimits()) -> HTTPClient:
     """A treq client for the proxy's use of C{agent}.
 
     Its cookie jar stores nothing (cookies set by an upstream must never leak
     from one sandbox request into the next) and bodies are sent from memory.
+    Upstreams are asked for identity bodies; one gzip layer is decoded within
+    C{decode}'s caps (L{DecodingAgent}), so treq's own unbounded gzip decoder
+    never sees an encoded body.
     """
     return HTTPClient(
-        agent,
+        DecodingAgent(agent, decode),
         cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
         data_to_body_producer=BytesProducer,
     )
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, without a "Starting factory" log line per connection."""
-
-    noisy = False
-
-
 class UpstreamClients:
-    """One treq client per route; real routes (and forwarded requests) share one connection pool."""
+    """One treq client per route; real routes (and forwarded requests) share one connection pool.
 
-    def __init__(self, reactor: IReactorTime) -> None:
+    The pool's connections cap response heads and bound their socket buffers
+    (C{limits}); inference bodies are decoded within C{limits}' caps.
+    """
+
+    def __init__(self, reactor: IReactorTime, limits: Limits = Limits()) -> None:
         self._reactor = reactor
+        self._decode = DecodeLimits(limits.max_decoded_bytes, limits.max_decompression_ratio)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
         self.pool.retryAutomatically = False
-        self.pool._factory = _QuietClientFactory  # the documented hook for the pool's factory
+        # The documented hook for the pool's factory.
+        self.pool._factory = client_factory(
+            HeadLimits(limits.max_response_head_bytes, limits.max_response_headers), limits.socket_buffer_bytes
+        )
         self._clients: dict[Route, HTTPClient] = {}
 
     def client_for(self, route: Route) -> HTTPClient:
@@ -130,7 +137,7 @@ class UpstreamClients:
             else:
                 endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout)
                 agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self.pool)
-            client = self._clients[route] = make_client(agent)
+            client = self._clients[route] = make_client(agent, self._decode)
         return client
 
     def retain(self, routes: Sequence[Route]) -> None:
@@ -253,7 +260,7 @@ class InferenceRouter:
             kind = classify_failure(failure, timed_out)
             if kind is errors.ROUTE_BUSY:
                 request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
-            errors.write_error(request, protocol, kind)
+            errors.write_error(request, protocol, kind, refused_answer(failure))
             return kind.code
 
         def observe(is_sse: bool) -> Observation:

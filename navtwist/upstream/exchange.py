@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from navtwist.upstream.connection import refused_answer
 from navtwist.upstream.relay import (
     CLIENT_GONE,
     CLIENT_STALLED,
@@ -229,7 +230,8 @@ class Exchange:
         if self._client_left:
             self._end(CLIENT_GONE)
             return
-        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=failure.type.__name__)
+        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields,
+                 error=refused_answer(failure) or failure.type.__name__)
         if self._listener is not None:
             self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():
