@@ -26,6 +26,7 @@ from navtwist.service.metrics import Metrics
 from navtwist.inference.observe import MetricsListener
 from navtwist.upstream.exchange import Deadlines
 from navtwist.listener import ProxyFactory
+from navtwist.service.backlog import with_backlog
 from navtwist.service.reload import ConfigReloader
 from navtwist.inference.hooks import select
 from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClients
@@ -101,7 +102,7 @@ def make_service(
         raise SystemExit(f"navtwist: {e}") from None
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    clients = UpstreamClients(reactor)
+    clients = UpstreamClients(reactor, config.limits)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
@@ -118,7 +119,7 @@ def make_service(
     factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics)
 
     top = service.MultiService()
-    strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
+    strports.service(with_backlog(config.listen), factory, reactor=reactor).setServiceParent(top)
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     if config.admin_listen is not None:
