@@ -162,3 +162,21 @@ class _Handle:
 
     def getHandle(self) -> socket.socket:
         return self._sock
+
+
+class _TLSLayer:
+    """Like TLSMemoryBIOProtocol as a transport: its handle is not a socket; the socket transport is below."""
+
+    def __init__(self, below: object) -> None:
+        self.transport = below
+
+    def getHandle(self) -> object:
+        return object()
+
+
+@pytest.mark.integration
+def test_socket_buffers_bounded_under_a_tls_layer() -> None:
+    with socket.socket() as sock:
+        bound_socket_buffers(_TLSLayer(_Handle(sock)), 32768)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 32768
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 32768

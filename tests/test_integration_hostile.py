@@ -7,8 +7,10 @@ looking complete.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import zlib
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from egress_servers import Peer, TcpServer, mock_routes
+from egress_servers import Peer, TcpServer, blast, echo, mock_routes
 from upstream import BASE, ByPath, Encoded, Stream, openai_chat_events, routes_config, tokens
 
 pytestmark = pytest.mark.integration
@@ -198,3 +200,54 @@ def test_endless_response_head_on_the_forward_path_is_cut_with_502(start_proxy, 
     assert json.loads(body)["error"] == "upstream_error" and "head" in json.loads(body)["detail"]
     assert head_server.last_peer().sent < 8 * MiB  # kernel buffers included
     assert proxy.rss_bytes() - before < 16 * MiB
+
+
+# --- kernel buffers --------------------------------------------------------------------
+
+
+def _skmem(port_filter: str) -> list[str]:
+    """The skmem lines of established TCP sockets matching C{port_filter} (ss syntax)."""
+    out = subprocess.run(["ss", "-tnm", "state", "established", port_filter], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.strip() for line in out.splitlines() if "skmem" in line]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_tunnel_sockets_have_bounded_kernel_buffers(start_proxy):
+    server = TcpServer(echo).start()
+    try:
+        proxy = start_proxy({**mock_routes(), "policy": {"allow": [f"127.0.0.1:{server.port}"]},
+                             "limits": {"socket_buffer_bytes": 50000}})
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            client_side = _skmem(f"( sport = :{proxy.port} )")
+            upstream_side = _skmem(f"( dport = :{server.port} and sport != :{server.port} )")
+        assert len(client_side) == 1 and len(upstream_side) == 1, (client_side, upstream_side)
+        for line in client_side + upstream_side:
+            assert ",rb100000," in line and ",tb100000," in line, line
+    finally:
+        server.stop()
+
+
+def test_slow_but_steady_tunnel_reader_is_not_dropped(start_proxy):
+    """write_stall 2 s; the client reads 32 KB/s for 8 s: always progressing, never stalled."""
+    server = TcpServer(blast).start()
+    try:
+        proxy = start_proxy({**mock_routes(), "policy": {"allow": [f"127.0.0.1:{server.port}"]},
+                             "timeouts": {"write_stall": 2}})
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n\r\nD {64 * MiB}\n".encode())
+            received = len(sock.recv(4096))
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                data = sock.recv(4096)
+                assert data, f"dropped after {received} bytes"
+                received += len(data)
+                time.sleep(4096 / 32768)
+        assert "client_stalled" not in proxy.log_text()
+    finally:
+        server.stop()

@@ -4,8 +4,9 @@ Each side's transport is registered as the other side's streaming producer,
 so a side that cannot write fast enough pauses reading on the other side and
 the proxy never buffers more than a transport's own write buffer.  A
 half-close (FIN) is passed on; when both directions have ended, or either
-side's connection is lost, the other side is closed too.  A side that stays
-unable to drain for the write-stall timeout ends the tunnel.
+side's connection is lost, the other side is closed too.  A side whose peer takes nothing
+for the write-stall timeout while data waits for it ends the tunnel (progress, not
+pause time, counts: see navtwist/upstream/flow.py).
 """
 from __future__ import annotations
 

@@ -26,12 +26,25 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 _SIOCOUTQ = termios.TIOCOUTQ  # the same request number for sockets on Linux
 
 
+def socket_transport(transport: object) -> tuple[object, socket.socket] | None:
+    """The socket transport under C{transport} (through TLS layers, whose handle is not a socket) and its socket."""
+    for _ in range(4):  # a TLS layer or two at most
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            return transport, handle
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
 def bound_socket_buffers(transport: object, size: int) -> None:
-    """Cap C{transport}'s socket send and receive buffers at C{size} bytes (the kernel doubles it)."""
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if not isinstance(handle, socket.socket):
+    """Cap the send and receive buffers of C{transport}'s socket at C{size} bytes (the kernel doubles it)."""
+    found = socket_transport(transport)
+    if found is None:
         return
+    handle = found[1]
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             handle.setsockopt(socket.SOL_SOCKET, option, size)
@@ -40,7 +53,12 @@ def bound_socket_buffers(transport: object, size: int) -> None:
 
 
 def unsent_bytes(transport: object) -> int | None:
-    """Bytes written to C{transport} that its peer has not taken yet, or None when it cannot tell."""
+    """Bytes written to C{transport} that its peer has not taken yet, or None when it cannot tell.
+
+    Under a TLS layer these are the socket transport's (ciphertext) bytes.
+    """
+    found = socket_transport(transport)
+    transport, handle = found if found is not None else (transport, None)
     # --- private Twisted names (move to navtwist/compat.py) ---
     # twisted.internet.abstract.FileDescriptor's write buffer: dataBuffer from
     # offset on, plus _tempDataLen bytes not yet joined into it.
@@ -49,9 +67,7 @@ def unsent_bytes(transport: object) -> int | None:
         return None
     pending = len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
     # --- end of private Twisted names ---
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if isinstance(handle, socket.socket) and handle.type == socket.SOCK_STREAM:
+    if handle is not None and handle.type == socket.SOCK_STREAM:
         try:
             pending += struct.unpack("i", fcntl.ioctl(handle.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
         except OSError:
