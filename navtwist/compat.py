@@ -11,7 +11,7 @@ the missing hook and the supported Twisted range, rather than run without it.
 
 Nothing else in navtwist may use a private Twisted name: the rest of the code
 uses the owned names below (L{ChannelHooks}, L{ChunkedDecoderHooks},
-L{MalformedChunkedDataError}, L{quiet_pool}).
+L{MalformedChunkedDataError}, L{set_pool_factory}).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import twisted
+from twisted.internet import abstract
+from twisted.web import _newclient as newclient
 from twisted.web import client, http
 from twisted.web.http_headers import Headers
 
@@ -70,6 +72,17 @@ def problems(web_http: ModuleType = http, web_client: ModuleType = client) -> li
         _probe("twisted.web.client.HTTPConnectionPool._factory",
                lambda: web_client.HTTPConnectionPool._factory, web_client._HTTP11ClientFactory),
         _probe("twisted.web.http.HTTPChannel._abortingCall", lambda: channel._abortingCall, None),
+        _probe("twisted.web._newclient.HTTPClientParser.state", lambda: newclient.STATUS, "STATUS"),
+        _probe("twisted.web._newclient.HEADER", lambda: newclient.HEADER, "HEADER"),
+        _method(newclient.HTTP11ClientProtocol, "request", ("request",)),
+        _probe("twisted.web.client._HTTP11ClientFactory._quiescentCallback",
+               lambda: "_quiescentCallback" in inspect.getsource(web_client._HTTP11ClientFactory.__init__), True),
+        _probe("twisted.web._newclient.HTTP11ClientProtocol._parser",
+               lambda: "self._parser" in inspect.getsource(newclient.HTTP11ClientProtocol.request), True),
+        _probe("twisted.internet.abstract.FileDescriptor write buffer (dataBuffer, offset, _tempDataLen)",
+               lambda: all(f"self.{name}" in inspect.getsource(abstract.FileDescriptor)
+                           for name in ("dataBuffer", "offset", "_tempDataLen")),
+               True),
         _probe("twisted.protocols.basic.LineReceiver._buffer (the unparsed bytes)",
                lambda: _fed_channel(channel, b"GET / HT")._buffer, b"GET / HT"),
     ]
@@ -210,13 +223,39 @@ class ChannelHooks(http.HTTPChannel):
             self._transferDecoder = decoder(current.dataCallback, current.finishCallback)
 
 
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    """The pool's connection factory, without a "Starting factory" log line per connection."""
+# --- the HTTP client: response-head caps and the pool's protocol factory -----------------
+
+CLIENT_STATUS, CLIENT_HEADER = newclient.STATUS, newclient.HEADER
+
+
+class ClientProtocolHooks(newclient.HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client connection, with its response parser reachable."""
+
+    @property
+    def response_parser(self) -> Any:
+        """The parser of the response being read (an C{HTTPClientParser}), or None."""
+        return getattr(self, "_parser", None)
+
+
+class ClientFactoryHooks(client._HTTP11ClientFactory):
+    """The pool's connection factory (no "Starting factory" log line per connection)."""
 
     noisy = False
 
+    @property
+    def quiescent_callback(self) -> Any:
+        return self._quiescentCallback
 
-def quiet_pool(pool: client.HTTPConnectionPool) -> None:
-    """Make C{pool} log nothing when it opens a connection (Twisted's documented
-    hook for the pool's factory is a private attribute)."""
-    pool._factory = _QuietClientFactory
+
+def set_pool_factory(pool: client.HTTPConnectionPool, factory: type[ClientFactoryHooks]) -> None:
+    """Make C{pool} build its connections with C{factory} (Twisted's documented
+    hook for this is a private attribute)."""
+    pool._factory = factory
+
+
+def write_buffered(transport: object) -> int | None:
+    """Bytes a Twisted C{FileDescriptor} transport holds unsent, or None for another kind."""
+    buffered = getattr(transport, "dataBuffer", None)
+    if not isinstance(buffered, bytes):
+        return None
+    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)

@@ -77,6 +77,12 @@ class Limits:
     max_headers: int = 100
     max_body_bytes: int = 32 * 1024 * 1024
     max_connections: int = 10000
+    # Upstream answers (inference routes and forwarded http:// requests).
+    max_response_head_bytes: int = 65536
+    max_response_headers: int = 200
+    max_decoded_bytes: int = 256 * 1024 * 1024
+    max_decompression_ratio: int = 100
+    socket_buffer_bytes: int = 262144
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from navtwist.outcome import Refusal
 from navtwist.http.head import BadHead, ProxyHead, parse_authority, parse_head
 from navtwist.http.channel import raw_json_response
 from navtwist.egress.tunnel import Splice, TunnelUpstreamFactory
+from navtwist.upstream.flow import bound_socket_buffers
 
 log = Logger(namespace="navtwist.proxy")
 
@@ -129,6 +130,7 @@ class ProxyProtocol(Protocol):
         factory.active += 1
         factory.protocols.add(self)
         self._counted = True
+        bound_socket_buffers(self.transport, factory.limits.socket_buffer_bytes)
         self._head_call = factory.clock.callLater(factory.timeouts.head_read, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -254,6 +256,7 @@ class ProxyProtocol(Protocol):
                  upstream=str(upstream.transport.getPeer()))
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self._splice = splice
+        bound_socket_buffers(upstream.transport, self._factory.limits.socket_buffer_bytes)
         splice.start(upstream.transport, rest)
         self.transport.resumeProducing()
 

@@ -48,6 +48,8 @@ class Outcome(str, enum.Enum):
     CLIENT_STALLED = "client_stalled"  # the client read nothing for too long: aborted
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_IDLE = "upstream_idle_timeout"  # the upstream sent nothing for too long
+    UPSTREAM_DECODE_ERROR = "upstream_decode_error"  # a compressed body that is corrupt or cut short
+    UPSTREAM_DECODE_LIMIT = "upstream_decode_limit"  # a compressed body past the decoding caps
     UPSTREAM_STATUS = "upstream_status"  # an upstream's 4xx/5xx answer, relayed whole
     TIMEOUT = "timeout"
     REJECTED = "rejected"  # refused before any upstream answered (busy, policy, bad request)
@@ -58,7 +60,12 @@ class Outcome(str, enum.Enum):
         return _CATEGORIES.get(self, self)
 
 
-_CATEGORIES = {Outcome.CLIENT_STALLED: Outcome.CLIENT_GONE, Outcome.UPSTREAM_IDLE: Outcome.TIMEOUT}
+_CATEGORIES = {
+    Outcome.CLIENT_STALLED: Outcome.CLIENT_GONE,
+    Outcome.UPSTREAM_IDLE: Outcome.TIMEOUT,
+    Outcome.UPSTREAM_DECODE_ERROR: Outcome.UPSTREAM_ERROR,
+    Outcome.UPSTREAM_DECODE_LIMIT: Outcome.UPSTREAM_ERROR,
+}
 
 # The values a request record's C{outcome} takes: the metrics' label set.
 CATEGORIES: frozenset[str] = frozenset(outcome.category.value for outcome in Outcome)

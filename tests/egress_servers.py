@@ -217,6 +217,37 @@ def banner(sock: socket.socket, peer: Peer) -> None:
         pass
 
 
+BLOCK = bytes(range(256)) * (4 * KiB)  # 1 MiB
+
+
+def blast(sock: socket.socket, peer: Peer) -> None:
+    """A throughput peer: after C{"D n\\n"} it sends n bytes; after C{"U n\\n"} it reads n and says C{"ok\\n"}."""
+    command = b""
+    while b"\n" not in command:
+        chunk = sock.recv(64)
+        if not chunk:
+            return
+        command += chunk
+    line, _, early = command.partition(b"\n")
+    op, size = line.split()
+    remaining = int(size)
+    if op == b"D":
+        view = memoryview(BLOCK)
+        while remaining:
+            n = min(remaining, len(BLOCK))
+            sock.sendall(view[:n])
+            remaining -= n
+    else:
+        remaining -= len(early)
+        buffer = bytearray(MiB)
+        while remaining > 0:
+            n = sock.recv_into(buffer)
+            if not n:
+                return
+            remaining -= n
+        sock.sendall(b"ok\n")
+
+
 def refusing_port() -> socket.socket:
     """A bound, never-listening socket: connections to its port are refused while it is open."""
     sock = socket.socket()

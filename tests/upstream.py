@@ -189,6 +189,29 @@ class Firehose(Script):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Encoded(Script):
+    """Body bytes sent as they are under a C{Content-Encoding}: by content-length, or
+    chunked in C{chunk}-byte pieces (framing always complete, whatever the bytes)."""
+
+    body: bytes
+    encoding: str = "gzip"
+    content_type: str = "application/json"
+    chunk: int | None = None
+
+    def serve(self, conn: _Connection, exchange: Exchange) -> None:
+        head = [("content-type", self.content_type), ("content-encoding", self.encoding)]
+        if self.chunk is None:
+            conn.send_head(200, head + [("content-length", str(len(self.body)))])
+            conn.send_body(exchange, self.body)
+        else:
+            conn.send_head(200, head + [("transfer-encoding", "chunked")])
+            for i in range(0, len(self.body), self.chunk):
+                conn.send_chunk(exchange, self.body[i:i + self.chunk])
+            conn.end_chunks()
+        exchange.completed = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class ByPath(Script):
     """C{paths[path]} for requests to that path (query ignored), C{default} for the others."""
 

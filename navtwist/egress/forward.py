@@ -26,6 +26,7 @@ from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeLis
 from navtwist.upstream.failures import Cause, classify
 from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
+from navtwist.upstream.connection import head_too_large
 
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
 
@@ -54,6 +55,8 @@ def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
         return Refusal(504, "upstream_timeout", "the destination did not answer in time")
     if cause is Cause.CONNECT:
         return Refusal(502, "upstream_unreachable", "cannot connect to the destination")
+    if head_too_large(failure) is not None:
+        return Refusal(502, "upstream_error", "the destination's response head exceeds the proxy's limit")
     return Refusal(502, "upstream_error", "the destination sent an invalid response")
 
 

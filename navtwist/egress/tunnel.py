@@ -4,46 +4,42 @@ Each side's transport is registered as the other side's streaming producer,
 so a side that cannot write fast enough pauses reading on the other side and
 the proxy never buffers more than a transport's own write buffer.  A
 half-close (FIN) is passed on; when both directions have ended, or either
-side's connection is lost, the other side is closed too.  A side that stays
-unable to drain for the write-stall timeout ends the tunnel.
+side's connection is lost, the other side is closed too.  A side whose peer takes nothing
+for the write-stall timeout while data waits for it ends the tunnel (progress, not
+pause time, counts: see navtwist/upstream/flow.py).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from navtwist.upstream.flow import StallWatch
+
 
 @implementer(IPushProducer)
-class _StallWatch:
-    """Registered on one side in place of the other side's transport.
+class _Pacer:
+    """Registered on one side (the writer) in place of the other side's transport (the reader).
 
-    It passes pause/resume on, and notices when a pause lasts too long: the
-    writer it protects has been unable to drain for C{timeout} seconds.  A
-    busy tunnel pauses and resumes every few hundred kilobytes, so the timer
-    is not rescheduled on each pause: one pending check looks at how long the
-    current pause has lasted, and re-arms itself only while paused.
+    It passes pause/resume on and tells a L{StallWatch} on the writer: the
+    tunnel ends when the writer's peer has taken nothing for C{timeout}
+    seconds while the reader was paused for it.
     """
 
-    def __init__(self, reader: ITransport, clock: IReactorTime, timeout: float, stalled: Callable[[], None]) -> None:
+    def __init__(self, reader: ITransport, writer: ITransport, clock: IReactorTime, timeout: float,
+                 stalled: Callable[[], None]) -> None:
         self._reader = reader
-        self._clock = clock
-        self._timeout = timeout
-        self._stalled = stalled
-        self._call: IDelayedCall | None = None
-        self._paused_at: float | None = None
+        self._watch = StallWatch(clock, timeout, writer, stalled)
 
     def pauseProducing(self) -> None:
-        self._paused_at = self._clock.seconds()
-        if self._call is None:
-            self._call = self._clock.callLater(self._timeout, self._check)
+        self._watch.paused()
         self._reader.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._paused_at = None
+        self._watch.resumed()
         self._reader.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -51,20 +47,7 @@ class _StallWatch:
         self._reader.stopProducing()
 
     def cancel(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        self._paused_at = None
-
-    def _check(self) -> None:
-        self._call = None
-        if self._paused_at is None:
-            return
-        waited = self._clock.seconds() - self._paused_at
-        if waited >= self._timeout:
-            self._stalled()
-        else:
-            self._call = self._clock.callLater(self._timeout - waited, self._check)
+        self._watch.cancel()
 
 
 class Splice:
@@ -75,7 +58,7 @@ class Splice:
         self.upstream: ITransport | None = None
         self._clock = clock
         self._write_stall_timeout = write_stall_timeout
-        self._watches: list[_StallWatch] = []
+        self._watches: list[_Pacer] = []
         self._client_eof = False
         self._upstream_eof = False
         self._closed = False
@@ -86,7 +69,7 @@ class Splice:
         """Join C{upstream} to the client; C{early_data} came from the client already."""
         self.upstream = upstream
         for writer, reader in ((self.client, upstream), (upstream, self.client)):
-            watch = _StallWatch(reader, self._clock, self._write_stall_timeout, self.abort)
+            watch = _Pacer(reader, writer, self._clock, self._write_stall_timeout, self.abort)
             self._watches.append(watch)
             writer.registerProducer(watch, True)
         if early_data:

@@ -23,14 +23,16 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 from treq.client import HTTPClient
 
-from navtwist.compat import quiet_pool
+from navtwist.compat import set_pool_factory
 from navtwist.inference import errors
-from navtwist.config import Route
+from navtwist.config import Limits, Route
 from navtwist.interfaces import IProviderProfile
 from navtwist.inference.mock import MockAgent
 from navtwist.inference.protocols import STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
 from navtwist.upstream.body import BytesProducer
+from navtwist.upstream.connection import HeadLimits, client_factory, refused_answer
+from navtwist.upstream.decode import DecodeLimits, DecodingAgent
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange
 from navtwist.upstream.failures import Cause, classify
@@ -92,28 +94,38 @@ def upstream_model(route: Route, requested: str | None) -> str | None:
     return route.model or requested
 
 
-def make_client(agent: IAgent) -> HTTPClient:
+def make_client(agent: IAgent, decode: DecodeLimits = DecodeLimits()) -> HTTPClient:
     """A treq client for the proxy's use of C{agent}.
 
     Its cookie jar stores nothing (cookies set by an upstream must never leak
     from one sandbox request into the next) and bodies are sent from memory.
+    Upstreams are asked for identity bodies; one gzip layer is decoded within
+    C{decode}'s caps (L{DecodingAgent}), so treq's own unbounded gzip decoder
+    never sees an encoded body.
     """
     return HTTPClient(
-        agent,
+        DecodingAgent(agent, decode),
         cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
         data_to_body_producer=BytesProducer,
     )
 
 
 class UpstreamClients:
-    """One treq client per route; real routes (and forwarded requests) share one connection pool."""
+    """One treq client per route; real routes (and forwarded requests) share one connection pool.
 
-    def __init__(self, reactor: IReactorTime) -> None:
+    The pool's connections cap response heads and bound their socket buffers
+    (C{limits}); inference bodies are decoded within C{limits}' caps.
+    """
+
+    def __init__(self, reactor: IReactorTime, limits: Limits = Limits()) -> None:
         self._reactor = reactor
+        self._decode = DecodeLimits(limits.max_decoded_bytes, limits.max_decompression_ratio)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
         self.pool.retryAutomatically = False
-        quiet_pool(self.pool)
+        set_pool_factory(self.pool, client_factory(
+            HeadLimits(limits.max_response_head_bytes, limits.max_response_headers), limits.socket_buffer_bytes
+        ))
         self._clients: dict[Route, HTTPClient] = {}
 
     def client_for(self, route: Route) -> HTTPClient:
@@ -124,7 +136,7 @@ class UpstreamClients:
             else:
                 endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout)
                 agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self.pool)
-            client = self._clients[route] = make_client(agent)
+            client = self._clients[route] = make_client(agent, self._decode)
         return client
 
     def retain(self, routes: Sequence[Route]) -> None:
@@ -237,7 +249,7 @@ class InferenceRouter:
             if cause is Cause.BUSY:
                 request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
             refusal = errors.upstream_refusal(cause)
-            errors.write_error(request, protocol, refusal)
+            errors.write_error(request, protocol, refusal, refused_answer(failure))
             return refusal.code
 
         def observe(is_sse: bool) -> Observation:

@@ -18,7 +18,10 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from navtwist.compat import set_pool_factory
+from navtwist.config import Limits
 from navtwist.egress.policy import IPAddress
+from navtwist.upstream.connection import HeadLimits, client_factory
 
 # Distinct (host, port, address, trust) keys kept with an open pool; the least
 # recently used one is closed beyond this.
@@ -54,10 +57,13 @@ class OriginClients:
     changes an entry's C{upstream_ca} reaches new connections by itself.
     """
 
-    def __init__(self, reactor: object, connect_timeout: float, idle_per_origin: int = 4) -> None:
+    def __init__(self, reactor: object, connect_timeout: float, limits: Limits, idle_per_origin: int = 4) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._idle = idle_per_origin
+        # Response heads capped as they arrive, socket buffers bounded: as on every upstream path.
+        self._protocols = client_factory(
+            HeadLimits(limits.max_response_head_bytes, limits.max_response_headers), limits.socket_buffer_bytes)
         self._agents: OrderedDict[tuple[str, int, str, tuple[bytes, ...]], tuple[IAgent, HTTPConnectionPool]] = (
             OrderedDict())
 
@@ -71,6 +77,7 @@ class OriginClients:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool.maxPersistentPerHost = self._idle
         pool.retryAutomatically = False  # a streamed body cannot be sent twice
+        set_pool_factory(pool, self._protocols)
         agent = Agent.usingEndpointFactory(
             self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout), pool=pool
         )

@@ -33,6 +33,7 @@ from navtwist.service.metrics import Metrics
 from navtwist.inference.observe import MetricsListener
 from navtwist.upstream.exchange import Deadlines
 from navtwist.listener import ProxyFactory
+from navtwist.service.backlog import with_backlog
 from navtwist.service.reload import ConfigReloader
 from navtwist.inference.hooks import select
 from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClients
@@ -116,7 +117,7 @@ def make_service(
                  "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    clients = UpstreamClients(reactor)
+    clients = UpstreamClients(reactor, config.limits)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
@@ -131,7 +132,7 @@ def make_service(
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
-    origins = OriginClients(reactor, timeouts.connect)
+    origins = OriginClients(reactor, timeouts.connect, config.limits)
     credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
     forward.credentials = credentials
     intercept = InterceptResource(
@@ -151,7 +152,7 @@ def make_service(
     )
 
     top = service.MultiService()
-    strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
+    strports.service(with_backlog(config.listen), factory, reactor=reactor).setServiceParent(top)
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     _UpstreamPoolService(origins).setServiceParent(top)

@@ -27,6 +27,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from navtwist.outcome import Outcome, outcome_class
+from navtwist.upstream.connection import refused_answer
 from navtwist.upstream.failures import RouteBusy, UpstreamStatus
 from navtwist.upstream.relay import ResponseRelay, client_response_headers
 
@@ -254,7 +255,7 @@ class Exchange:
         self._settled()
         if self._phase is Phase.LEAVING:
             return partial(self._end, Outcome.CLIENT_GONE)
-        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=failure.type.__name__)
+        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=refused_answer(failure) or failure.type.__name__)
         if self._listener is not None:
             self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():

@@ -21,6 +21,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from navtwist.outcome import Outcome
+from navtwist.upstream.decode import BodyDecodeError
+from navtwist.upstream.flow import StallWatch
 
 # Response headers that describe one hop, not the response.
 HOP_BY_HOP = frozenset(
@@ -53,12 +55,11 @@ class ResponseRelay(Protocol):
         self._clock = clock
         self._stream_error = stream_error
         self._idle_timeout = idle_timeout
-        self._write_stall_timeout = write_stall_timeout
         self._done = done
         self._on_chunk = on_chunk
         self._cut_message = ""
         self._idle_call: IDelayedCall | None = None
-        self._stall_call: IDelayedCall | None = None
+        self._stall = StallWatch(clock, write_stall_timeout, request.transport, self._client_stalled)
         self._paused = False
         self._client_gone = False
         self._ended = False
@@ -95,6 +96,8 @@ class ResponseRelay(Protocol):
             self._done(Outcome.OK)
             return
         outcome = self._outcome or Outcome.UPSTREAM_ERROR
+        if self._outcome is None and reason.check(BodyDecodeError):
+            outcome, self._cut_message = Outcome(reason.value.outcome), str(reason.value)
         if self._stream_error is not None:
             message = f"response truncated: {self._cut_message or 'upstream connection lost'}"
             separator = b"" if self._at_event_boundary else b"\n\n"
@@ -114,15 +117,14 @@ class ResponseRelay(Protocol):
         self._paused = True
         self._cancel(self._idle_call)
         self._idle_call = None
-        self._stall_call = self._clock.callLater(self._write_stall_timeout, self._client_stalled)
+        self._stall.paused()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self._paused or self._client_gone or self._ended:
             return
         self._paused = False
-        self._cancel(self._stall_call)
-        self._stall_call = None
+        self._stall.resumed()
         self._arm_idle()
         self.transport.resumeProducing()
 
@@ -156,14 +158,13 @@ class ResponseRelay(Protocol):
 
     def _client_stalled(self) -> None:
         """The client read nothing for too long while we had data for it."""
-        self._stall_call = None
         self._outcome = Outcome.CLIENT_STALLED
         self._request.transport.abortConnection()
 
     def _cancel_timers(self) -> None:
         self._cancel(self._idle_call)
-        self._cancel(self._stall_call)
-        self._idle_call = self._stall_call = None
+        self._idle_call = None
+        self._stall.cancel()
 
     @staticmethod
     def _cancel(call: IDelayedCall | None) -> None:
