@@ -18,6 +18,7 @@ import enum
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -25,6 +26,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IReactorTime,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -75,7 +77,7 @@ _TRANSITIONS = {
     Mode.HEAD: {Mode.DIALING, Mode.HTTP, Mode.CLOSING},
     Mode.DIALING: {Mode.TUNNEL, Mode.CLOSING},
     Mode.TUNNEL: {Mode.CLOSING},
-    Mode.HTTP: {Mode.CLOSING},
+    Mode.HTTP: {Mode.TUNNEL, Mode.CLOSING},  # an intercepted request upgraded (WebSocket)
     Mode.CLOSING: {Mode.CLOSING},
 }
 
@@ -213,6 +215,7 @@ class ProxyProtocol(Protocol):
         inner = site.buildProtocol(self.transport.getPeer())
         # The origin a request inside this TLS is for (the CONNECT's authority, not its Host header).
         inner.intercepted = (host, port)
+        inner.upgrade = self.upgrade
         self._inner = inner
         inner.makeConnection(self.transport)
         if rest:
@@ -259,6 +262,24 @@ class ProxyProtocol(Protocol):
         bound_socket_buffers(upstream.transport, self._factory.limits.socket_buffer_bytes)
         splice.start(upstream.transport, rest)
         self.transport.resumeProducing()
+
+    def upgrade(self, upstream: ITransport, answer: bytes, decision: DecisionRecord) -> Splice:
+        """Hand this connection from its HTTP channel to a splice with C{upstream}
+        (an intercepted request the origin upgraded); C{answer} is the origin's
+        101 head and whatever followed it."""
+        self._enter(Mode.TUNNEL)
+        inner, self._inner = self._inner, None
+        # The channel is done with this connection: it stops its timers and
+        # gives up the transport's producer slot to the splice.
+        self.transport.unregisterProducer()
+        if inner is not None:
+            inner.connectionLost(Failure(ConnectionDone("upgraded to a tunnel")))
+        self._decision, self._tunnel_started = decision, self._factory.clock.seconds()
+        splice = self._splice = Splice(self.transport, self._factory.clock, self._factory.timeouts.write_stall)
+        bound_socket_buffers(upstream, self._factory.limits.socket_buffer_bytes)
+        splice.start(upstream)
+        splice.from_upstream(answer)
+        return splice
 
     def _tunnel_refused(self, failure: Failure, label: str) -> None:
         self._splice = None
@@ -335,7 +356,7 @@ class ProxyProtocol(Protocol):
             self._splice.close()
             if self._factory.metrics is not None:
                 self._factory.metrics.tunnel_bytes(self._splice.bytes_up, self._splice.bytes_down)
-            if self._decision is not None and self._decision.decision == ALLOW:
+            if self._decision is not None and self._decision.decision != DENY:
                 self._decision.bytes_up, self._decision.bytes_down = self._splice.bytes_up, self._splice.bytes_down
                 self._write_decision()
         if self._inner is not None:

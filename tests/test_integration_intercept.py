@@ -249,3 +249,69 @@ def test_reload_applies_new_rules_to_new_requests_on_an_open_connection(
         conn.send(b"GET /after HTTP/1.1\r\n" + host + b"\r\n")
         assert conn.response().status == 200
     assert [seen.path for seen in origin.seen] == ["/before", "/after"]
+
+
+class _Upgrading(BaseHTTPRequestHandler):
+    """Answers an upgrade with 101, then echoes raw bytes (what the proxy splices needs no framing)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:
+        if self.headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in self.headers.get("connection", "").lower():
+            self.send_response(400)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("X-Seen-Path", self.path)
+        self.end_headers()
+        self.wfile.flush()
+        while data := self.connection.recv(65536):
+            self.connection.sendall(data.upper())
+
+
+def _upgrading_origin(cert: ServerCert) -> tuple[ThreadingHTTPServer, int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upgrading)
+    server.daemon_threads = True
+    server.socket = cert.server_context().wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def test_websocket_upgrade_is_judged_then_spliced(start_proxy: ProxyStarter, origin_cert: ServerCert) -> None:
+    server, port = _upgrading_origin(origin_cert)
+    try:
+        proxy = _start(start_proxy, [_entry(port, origin_cert, rules=[{"allow": {"method": "GET", "path": "/ws/*"}}])])
+        context = ssl.create_default_context(cafile=str(proxy.ca_path))
+        upgrade = (f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+        with Conn.open(proxy.port) as conn:
+            conn.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+            assert conn.response(bodyless=True).status == 200
+            conn.start_tls(context, "127.0.0.1")
+            conn.send(b"GET /admin HTTP/1.1\r\n" + upgrade)
+            assert conn.response().status == 403  # the rules judge the upgrade request
+            conn.send(b"GET /ws/chat HTTP/1.1\r\n" + upgrade)
+            head = conn.read_until(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ") and b"X-Seen-Path: /ws/chat" in head
+            for message in (b"hello", b"x" * 100_000):
+                conn.send(message)
+                assert conn.read_exact(len(message)) == message.upper()
+        proxy.wait_for_log("decision allow request")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_origin_that_does_not_switch_protocols_is_a_502(
+    start_proxy: ProxyStarter, origin: HttpServer, origin_cert: ServerCert
+) -> None:
+    proxy = _start(start_proxy, [_entry(origin.port, origin_cert, access="read-only")])
+    result = _curl(proxy, f"https://127.0.0.1:{origin.port}/ws", "-H", "Upgrade: websocket", "-H", "Connection: Upgrade")
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "502" and json.loads(body)["error"] == "upgrade_refused", result

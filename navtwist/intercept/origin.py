@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
@@ -86,6 +86,13 @@ class OriginClients:
             _, (_, old) = self._agents.popitem(last=False)
             old.closeCachedConnections()
         return agent
+
+    def connect(
+        self, host: str, port: int, address: IPAddress, upstream_ca: tuple[bytes, ...], factory: IProtocolFactory
+    ) -> Deferred[IProtocol]:
+        """A connection of its own (not pooled: an upgrade takes it over) to the origin, over verified TLS."""
+        endpoints = _PinnedEndpoints(self._reactor, address, host, load_trust(upstream_ca), self._timeout)
+        return endpoints.endpointForURI(URI.fromBytes(b"https://%s:%d/" % (host.encode("ascii"), port))).connect(factory)
 
     def close(self) -> Deferred[object]:
         pools = [pool for _, pool in self._agents.values()]

@@ -28,6 +28,7 @@ from navtwist.egress.policy import IPAddress, Policy, normalize_host
 from navtwist.inference.errors import write_json
 from navtwist.intercept.credentials import CredentialSet, Mismatch
 from navtwist.intercept.origin import OriginClients
+from navtwist.intercept.upgrade import UpgradeClient, UpgradeClientFactory, upgrade_head
 from navtwist.intercept.rules import InterceptEntry, decide
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 from navtwist.upstream.relay import HOP_BY_HOP
@@ -99,6 +100,7 @@ class InterceptResource(Resource):
         decisions: DecisionLog,
         listener: ExchangeListener | None = None,
         credentials: CredentialSet | None = None,
+        max_response_head_bytes: int = 65536,
     ) -> None:
         super().__init__()
         self._policy = policy
@@ -109,6 +111,7 @@ class InterceptResource(Resource):
         self._decisions = decisions
         self._listener = listener
         self.credentials = credentials  # replaced on reload
+        self._max_head = max_response_head_bytes
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
@@ -148,11 +151,6 @@ class InterceptResource(Resource):
             write_denial(request, 403, "l7_denied", verdict.detail, entry.deny_reason)
             return NOT_DONE_YET
         record.decision = ALLOW if verdict.verdict == ALLOW else WOULD_DENY
-        if request.requestHeaders.hasHeader(b"upgrade"):
-            record.decision, record.reason, record.status = DENY, "upgrade_unsupported", 501
-            self._decide(record, started)
-            write_denial(request, 501, "upgrade_unsupported", "protocol upgrades (WebSocket) are not supported on intercepted hosts")
-            return NOT_DONE_YET
         headers = origin_headers(request.requestHeaders, _authority(host, port).encode("ascii"))
         if credentials is not None:
             rewritten = credentials.rewrite(host, port, target, _header_list(headers))
@@ -167,8 +165,49 @@ class InterceptResource(Resource):
                 for name, value in rewritten.headers:
                     headers.addRawHeader(name, value)
                 record.credential = ",".join(rewritten.credentials)
-        self._forward(request, entry, target, headers, record, started)
+        if request.requestHeaders.hasHeader(b"upgrade"):
+            self._upgrade(request, entry, target, headers, record, started)
+        else:
+            self._forward(request, entry, target, headers, record, started)
         return NOT_DONE_YET
+
+    def _upgrade(
+        self, request: Request, entry: InterceptEntry, target: bytes, headers: Headers,
+        record: DecisionRecord, started: float,
+    ) -> None:
+        """Send an upgrade to the origin on a connection of its own; on 101, splice (see L{navtwist.intercept.upgrade})."""
+        host, port = record.host, record.port
+        label = f"{request.method.decode('latin-1')} https://{_authority(host, port)}"
+        client = UpgradeClient(upgrade_head(request.method, target, headers, request.requestHeaders),
+                               self._max_head, self._clock, self._deadlines.first_byte)
+        dialing = self._egress.destination(host, port, label, intercepted=True)
+        dialing.addCallback(lambda address: self._origins.connect(
+            host, port, address, entry.upstream_ca_certs, UpgradeClientFactory(client)))
+        dialing.addCallback(lambda _: client.answered)
+
+        gone = []  # set when the client leaves (or the upgrade takes its connection)
+
+        def upgraded(answer: tuple[UpgradeClient, bytes]) -> None:
+            origin, head = answer
+            if gone:
+                origin.transport.loseConnection()
+                return
+            record.status = 101
+            origin.spliced(request.channel.upgrade(origin.transport, head, record))
+
+        def refused(failure: Failure) -> None:
+            refusal = failure_refusal(failure, False)
+            record.decision, record.reason, record.status = DENY, refusal.code, refusal.status
+            self._decide(record, started)
+            if not gone:
+                write_denial(request, refusal.status, refusal.code, refusal.message)
+
+        def left(reason: Failure) -> None:
+            gone.append(reason)
+            dialing.cancel()
+
+        dialing.addCallbacks(upgraded, refused)
+        request.notifyFinish().addErrback(left)
 
     def _decide(self, record: DecisionRecord, started: float) -> None:
         now = self._clock.seconds()

@@ -144,6 +144,7 @@ def make_service(
         decisions,
         MetricsListener(metrics),
         credentials,
+        config.limits.max_response_head_bytes,
     )
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
     factory = ProxyFactory(
