@@ -132,6 +132,7 @@ def make_service(
         MetricsListener(metrics),
     )
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
+    forward.intercept = intercept
     factory = ProxyFactory(
         ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics,
         intercept_site=intercept_site, decisions=decisions,
