@@ -7,6 +7,7 @@ the twisted.web Agent is used directly, without treq's content decoding.
 """
 from __future__ import annotations
 
+from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from twisted.internet.defer import Deferred
@@ -60,6 +61,13 @@ def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     return Refusal(502, "upstream_error", "the destination sent an invalid response")
 
 
+class InterceptedRequests(Protocol):
+    """The intercept stage's judgement of a forwarded request to a host listed in C{policy.intercept}."""
+
+    def judge_forwarded(self, request: Request, host: str, port: int, target: bytes) -> ExchangeListener | None:
+        """None once the request is refused and answered, else the listener that logs the decision."""
+
+
 class ForwardResource(Resource):
     """Serves absolute-form C{http://} requests made to the proxy."""
 
@@ -75,6 +83,8 @@ class ForwardResource(Resource):
     ) -> None:
         super().__init__()
         self._listener = listener
+        # Judges requests to intercepted hosts; without it they are refused (policy_denied), never forwarded.
+        self.intercept: InterceptedRequests | None = None
         self._egress = egress
         self._agent = agent
         self._clock = clock
@@ -97,8 +107,13 @@ class ForwardResource(Resource):
             write_refusal(request, 400, "bad_request", "expected an absolute http:// URI")
         elif target.username is not None or target.password is not None:
             write_refusal(request, 400, "bad_request", "credentials in the URI are not forwarded")
+        elif self.intercept is not None and self._egress.policy.intercept_for(target.hostname, port) is not None:
+            origin_form = (target.path or "/") + (f"?{target.query}" if target.query else "")
+            listener = self.intercept.judge_forwarded(request, target.hostname, port, origin_form.encode("ascii"))
+            if listener is not None:
+                self._forward(request, target, port, listener, intercepted=True)
         else:
-            self._forward(request, target, port)
+            self._forward(request, target, port, self._listener)
         return NOT_DONE_YET
 
     def _carries_placeholder(self, request: Request) -> bool:
@@ -117,7 +132,10 @@ class ForwardResource(Resource):
                       f"credential {name} is never sent over plain http://")
         return True
 
-    def _forward(self, request: Request, target: SplitResult, port: int) -> None:
+    def _forward(
+        self, request: Request, target: SplitResult, port: int, listener: ExchangeListener | None,
+        intercepted: bool = False,
+    ) -> None:
         def fail(failure: Failure, timed_out: bool) -> str:
             refusal = failure_refusal(failure, timed_out)
             write_refusal(request, refusal.status, refusal.code, refusal.message)
@@ -130,14 +148,14 @@ class ForwardResource(Resource):
             stream_error=None,
             keep_length=True,
             fields={"forward": f"{target.hostname}:{port}"},
-            listener=self._listener,
+            listener=listener,
         )
         # The first-byte deadline covers resolving and connecting too, and a
         # client that leaves cancels whichever step is under way.
         label = f"http://{target.hostname}:{port}"
 
         def send() -> Deferred[IResponse]:
-            destination = self._egress.destination(target.hostname, port, label)
+            destination = self._egress.destination(target.hostname, port, label, intercepted)
             return destination.addCallback(self._send, request, target, port)
 
         exchange.start([Attempt(send=send, deadlines=self._deadlines, fields={})])

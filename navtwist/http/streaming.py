@@ -77,8 +77,8 @@ class BodyPipe:
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
         self._done = done = Deferred()
-        self._flush()
-        self._settle()
+        # What arrived before the upstream connected paused the client: send it, read the client again.
+        self.resumeProducing()
         return done
 
     def pauseProducing(self) -> None:
@@ -90,6 +90,7 @@ class BodyPipe:
         self._flush()
         if not self._paused and not self._complete:
             self._resume_source()  # type: ignore[operator]
+        self._settle()  # the body may have ended while its last bytes waited
 
     def stopProducing(self) -> None:
         # The upstream gave up on the body: nothing more goes to it.

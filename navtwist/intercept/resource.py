@@ -116,41 +116,13 @@ class InterceptResource(Resource):
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
         host, port = request.channel.intercepted
-        entry = self._policy().intercept_for(host, port)
-        credentials = self.credentials
-        peer = request.getClientAddress()
-        logged_target = credentials.redact(request.uri) if credentials is not None else request.uri
-        record = DecisionRecord(
-            kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", host=host, port=port,
-            decision=DENY, method=request.method.decode("latin-1"), path=redact_target(logged_target),
-        )
-        started = self._clock.seconds()
-        if entry is None or entry.inference:
-            # A reload removed (or changed the kind of) this entry while the connection stayed open.
-            record.reason, record.status = "policy_denied", 403
-            self._decide(record, started)
-            write_denial(request, 403, "policy_denied", f"{_authority(host, port)} is no longer intercepted")
-            return NOT_DONE_YET
-        record.entry, record.mode = f"policy.intercept[{entry.index}]", entry.mode
         target = request.uri
-        if not target.startswith(b"/") and target != b"*":
-            record.reason, record.status = "bad_request", 400
-            self._decide(record, started)
-            write_denial(request, 400, "bad_request", "requests inside an intercepted connection use origin-form targets")
+        credentials = self.credentials
+        started = self._clock.seconds()
+        judged = self._judge(request, host, port, target, started)
+        if judged is None:
             return NOT_DONE_YET
-        if not _host_matches(request.requestHeaders.getRawHeaders(b"host"), host, port):
-            record.reason, record.status = "host_mismatch", 421
-            self._decide(record, started)
-            write_denial(request, 421, "host_mismatch", f"the Host header does not name {_authority(host, port)}")
-            return NOT_DONE_YET
-        verdict = decide(entry, request.method, target, host=host)
-        record.rule = f"rules[{verdict.rule}]" if isinstance(verdict.rule, int) else verdict.rule
-        if not verdict.allowed:
-            record.reason, record.status = "l7_denied", 403
-            self._decide(record, started)
-            write_denial(request, 403, "l7_denied", verdict.detail, entry.deny_reason)
-            return NOT_DONE_YET
-        record.decision = ALLOW if verdict.verdict == ALLOW else WOULD_DENY
+        entry, record = judged
         headers = origin_headers(request.requestHeaders, _authority(host, port).encode("ascii"))
         if credentials is not None:
             rewritten = credentials.rewrite(host, port, target, _header_list(headers))
@@ -208,6 +180,57 @@ class InterceptResource(Resource):
 
         dialing.addCallbacks(upgraded, refused)
         request.notifyFinish().addErrback(left)
+
+    def judge_forwarded(self, request: Request, host: str, port: int, target: bytes) -> ExchangeListener | None:
+        """Judge an absolute-form C{http://} request to an intercepted host
+        (C{target} in origin-form) by the entry's rules, as requests inside
+        its TLS are: None once it is refused (answered and logged), else the
+        listener that logs the decision when the forwarded exchange ends."""
+        started = self._clock.seconds()
+        judged = self._judge(request, host, port, target, started)
+        if judged is None:
+            return None
+        return _Decided(self, judged[1], started, None, self._listener)
+
+    def _judge(
+        self, request: Request, host: str, port: int, target: bytes, started: float
+    ) -> tuple[InterceptEntry, DecisionRecord] | None:
+        """The entry and the (not yet logged) decision for a request it lets
+        through, or None once the request is refused and the refusal logged."""
+        entry = self._policy().intercept_for(host, port)
+        credentials = self.credentials
+        peer = request.getClientAddress()
+        logged_target = credentials.redact(target) if credentials is not None else target
+        record = DecisionRecord(
+            kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", host=host, port=port,
+            decision=DENY, method=request.method.decode("latin-1"), path=redact_target(logged_target),
+        )
+        if entry is None or entry.inference:
+            # A reload removed (or changed the kind of) this entry while the connection stayed open.
+            record.reason, record.status = "policy_denied", 403
+            self._decide(record, started)
+            write_denial(request, 403, "policy_denied", f"{_authority(host, port)} is no longer intercepted")
+            return None
+        record.entry, record.mode = f"policy.intercept[{entry.index}]", entry.mode
+        if not target.startswith(b"/") and target != b"*":
+            record.reason, record.status = "bad_request", 400
+            self._decide(record, started)
+            write_denial(request, 400, "bad_request", "requests inside an intercepted connection use origin-form targets")
+            return None
+        if not _host_matches(request.requestHeaders.getRawHeaders(b"host"), host, port):
+            record.reason, record.status = "host_mismatch", 421
+            self._decide(record, started)
+            write_denial(request, 421, "host_mismatch", f"the Host header does not name {_authority(host, port)}")
+            return None
+        verdict = decide(entry, request.method, target, host=host)
+        record.rule = f"rules[{verdict.rule}]" if isinstance(verdict.rule, int) else verdict.rule
+        if not verdict.allowed:
+            record.reason, record.status = "l7_denied", 403
+            self._decide(record, started)
+            write_denial(request, 403, "l7_denied", verdict.detail, entry.deny_reason)
+            return None
+        record.decision = ALLOW if verdict.verdict == ALLOW else WOULD_DENY
+        return entry, record
 
     def _decide(self, record: DecisionRecord, started: float) -> None:
         now = self._clock.seconds()

@@ -147,6 +147,7 @@ def make_service(
         config.limits.max_response_head_bytes,
     )
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
+    forward.intercept = intercept
     factory = ProxyFactory(
         ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics,
         intercept_site=intercept_site, decisions=decisions,

@@ -1,0 +1,158 @@
+"""A smart-HTTP git origin over TLS on 127.0.0.1, for the integration tests.
+
+Each request runs the real C{git http-backend} as a CGI program, as a web
+server would: the request body (de-chunked if the client sent it chunked; a
+gzip body is passed on as it is, with C{HTTP_CONTENT_ENCODING}, since
+http-backend decodes it itself) goes to its stdin, its CGI headers become
+the response head.  Every request is recorded, so a test can tell what got
+past the proxy.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from upstream import read_request_body
+
+TIMEOUT = 10.0
+
+
+def _git_exec_path() -> Path:
+    return Path(subprocess.run(["git", "--exec-path"], capture_output=True, text=True, check=True).stdout.strip())
+
+
+HTTP_BACKEND = _git_exec_path() / "git-http-backend"
+
+
+@dataclass(frozen=True)
+class GitRequest:
+    """One request the origin answered: C{path} without the query."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+    chunked: bool  # the body came with Transfer-Encoding: chunked
+    encoding: str | None  # its Content-Encoding
+
+
+def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run C{git args}, isolated from the user's and the system's config unless C{env} says otherwise."""
+    return subprocess.run(["git", *args], cwd=cwd, env=env or isolated_env(cwd or Path.cwd()), capture_output=True,
+                          text=True, timeout=TIMEOUT * 3, check=check)
+
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    """A minimal environment: no proxy, credential or config from the outside world."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@sandbox",
+        "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@sandbox", "LC_ALL": "C", **extra,
+    }
+
+
+def make_bare_repo(root: Path, name: str = "repo.git") -> Path:
+    """A bare repository under C{root} with one commit on C{main}, pushes enabled."""
+    bare = root / name
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=root)
+    git("config", "http.receivepack", "true", cwd=bare)
+    seed = root / "seed"
+    git("init", "-q", "-b", "main", str(seed), cwd=root)
+    (seed / "README").write_text("hello from the origin\n")
+    git("add", "README", cwd=seed)
+    git("commit", "-q", "-m", "first", cwd=seed)
+    git("push", "-q", str(bare), "main", cwd=seed)
+    return bare
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = TIMEOUT
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
+        pass
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        body = read_request_body(self)  # de-chunked
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_CONFIG_NOSYSTEM": "1",
+            "HOME": str(self.server.root), "GIT_PROJECT_ROOT": str(self.server.root), "GIT_HTTP_EXPORT_ALL": "1",
+            "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": "HTTP/1.1", "REQUEST_METHOD": self.command,
+            "PATH_INFO": url.path, "QUERY_STRING": url.query, "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_USER": "agent", "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": self.headers.get("content-type", ""),
+        }
+        for name in ("content-encoding", "git-protocol"):
+            if (value := self.headers.get(name)) is not None:
+                env["HTTP_" + name.upper().replace("-", "_")] = value
+        result = subprocess.run([str(HTTP_BACKEND)], input=body, env=env, capture_output=True, timeout=TIMEOUT * 3)
+        head, sep, payload = result.stdout.partition(b"\r\n\r\n")
+        if not sep:  # CGI programs may end header lines with a bare LF
+            head, sep, payload = result.stdout.partition(b"\n\n")
+        status, headers = 200, []
+        for line in head.decode("latin-1").splitlines():
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        record = GitRequest(self.command, url.path, url.query, status, chunked, self.headers.get("content-encoding"))
+        self.server.requests.append(record)
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_POST = do_GET
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    root: Path
+    tls: ssl.SSLContext
+    requests: list[GitRequest]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake in the connection's thread, not in the accept loop.
+        super().finish_request(self.tls.wrap_socket(request, server_side=True), client_address)
+
+
+class GitOrigin:
+    """C{https://127.0.0.1:port/NAME.git} for each bare repository under C{root}."""
+
+    def __init__(self, root: Path, tls: ssl.SSLContext) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.root, self._server.tls, self._server.requests = root, tls, []
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def requests(self) -> list[GitRequest]:
+        return list(self._server.requests)
+
+    def start(self) -> GitOrigin:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
