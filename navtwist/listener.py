@@ -243,7 +243,7 @@ class ProxyProtocol(Protocol):
         peer = self.transport.getPeer()
         self._decision = DecisionRecord(
             kind="tunnel", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", host=host, port=port,
-            decision=DENY, entry="policy.allow", method="CONNECT",
+            decision=DENY, method="CONNECT",
         )
         self._tunnel_started = factory.clock.seconds()
         self._dialing = dialing = factory.egress.destination(host, port, label)
@@ -254,7 +254,7 @@ class ProxyProtocol(Protocol):
         self._enter(Mode.TUNNEL)
         self._count_tunnel("allowed")
         if self._decision is not None:
-            self._decision.decision, self._decision.status = ALLOW, 200
+            self._decision.decision, self._decision.status, self._decision.entry = ALLOW, 200, "policy.allow"
         log.info("tunnel open: {peer} → {upstream}", peer=str(self.transport.getPeer()),
                  upstream=str(upstream.transport.getPeer()))
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -293,6 +293,8 @@ class ProxyProtocol(Protocol):
         self._count_tunnel(refusal.code if refusal.code in ("policy_denied", "ssrf_denied") else "failed")
         if self._decision is not None:
             self._decision.reason, self._decision.status = refusal.code, refusal.status
+            if refusal.code != "policy_denied":
+                self._decision.entry = "policy.allow"  # allowed by name; refused on its address or reachability
             self._write_decision()
         self._refuse(refusal.status, refusal.code, refusal.message)
 

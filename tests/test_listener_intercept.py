@@ -133,6 +133,7 @@ def test_unlisted_host_is_denied_and_logged_as_a_tunnel_decision() -> None:
     [record] = parts["decisions"].records
     assert (record.kind, record.host, record.port, record.decision, record.reason, record.status) == (
         "tunnel", "evil.example", 443, "deny", "policy_denied", 403)
+    assert record.entry is None  # no entry decided: the default deny
     assert protocol.mode is Mode.CLOSING
 
 
