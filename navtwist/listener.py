@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Protocol as TypingProtocol
+import typing
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
@@ -46,7 +46,7 @@ from navtwist.upstream.flow import bound_socket_buffers
 log = Logger(namespace="navtwist.proxy")
 
 
-class TunnelMetrics(TypingProtocol):
+class TunnelMetrics(typing.Protocol):
     """What the listener reports about tunnels (the service's metrics provide it)."""
 
     def tunnel_decision(self, decision: str) -> None: ...

@@ -78,7 +78,7 @@ def run_request_hooks(hooks: Sequence[object], request: InferenceRequest) -> Ref
     return None
 
 
-class Watch:
+class ObserverFanout:
     """The stream observers of one response, each isolated from the others."""
 
     def __init__(self, observers: Sequence[object], info: InferenceRequest) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 from twisted.python.failure import Failure
 
 from navtwist.upstream.failures import classify
-from navtwist.inference.hooks import InferenceRequest, Watch
+from navtwist.inference.hooks import InferenceRequest, ObserverFanout
 from navtwist.inference.usage import UsageMeter
 
 
@@ -53,17 +53,17 @@ class Observation:
         metrics: MetricsSink | None,
     ) -> None:
         self._meter = UsageMeter(info.protocol, streaming, clock)
-        self._watch = Watch(observers, info) if observers else None
+        self._observers = ObserverFanout(observers, info) if observers else None
         self._metrics = metrics
         if metrics is not None:
             metrics.stream_started()
-        if self._watch is not None:
-            self._watch.started()
+        if self._observers is not None:
+            self._observers.started()
 
     def feed(self, chunk: bytes) -> None:
         self._meter.feed(chunk)
-        if self._watch is not None:
-            self._watch.chunk(chunk)
+        if self._observers is not None:
+            self._observers.chunk(chunk)
 
     def summary(self) -> dict[str, Any]:
         usage = self._meter.finish()
@@ -78,5 +78,5 @@ class Observation:
     def ended(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.stream_ended()
-        if self._watch is not None:
-            self._watch.ended(record)
+        if self._observers is not None:
+            self._observers.ended(record)

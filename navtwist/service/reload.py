@@ -46,12 +46,12 @@ class ConfigReloader(service.Service):
     ) -> None:
         self.current = current
         self._load = load
-        self._watched = watched
+        self._pollered = watched
         self._apply = apply
         self._reactor = reactor
         self._path = path
-        self._watch_interval = watch_interval
-        self._watch: LoopingCall | None = None
+        self._poll_interval = watch_interval
+        self._poller: LoopingCall | None = None
         self._seen = self._states()
         self._previous_handler: object = None
 
@@ -59,14 +59,14 @@ class ConfigReloader(service.Service):
         super().startService()
         if IReactorCore.providedBy(self._reactor):
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
-        if self._path and self._watch_interval:
-            self._watch = LoopingCall(self._poll)
-            self._watch.clock = self._reactor
-            self._watch.start(self._watch_interval, now=False)
+        if self._path and self._poll_interval:
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = self._reactor
+            self._poller.start(self._poll_interval, now=False)
 
     def stopService(self):  # type: ignore[no-untyped-def]
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
         return super().stopService()
@@ -78,7 +78,7 @@ class ConfigReloader(service.Service):
 
     def _states(self) -> tuple[tuple[int, int, int] | None, ...]:
         """The config file's state and each watched file's (the credentials' secrets)."""
-        paths = ([self._path] if self._path else []) + list(self._watched(self.current))
+        paths = ([self._path] if self._path else []) + list(self._pollered(self.current))
         return tuple(_file_state(path) for path in paths)
 
     def _poll(self) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping, Protocol as TypingProtocol, Sequence
+import typing
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -36,7 +37,7 @@ log = Logger(namespace="navtwist.exchange")
 HEARTBEAT_COMMENT = b": keep-alive\n\n"
 
 
-class ExchangeListener(TypingProtocol):
+class ExchangeListener(typing.Protocol):
     """Told what happened to an exchange: for metrics."""
 
     def attempt_failed(self, failure: Failure, timed_out: bool) -> None: ...
@@ -44,7 +45,7 @@ class ExchangeListener(TypingProtocol):
     def ended(self, record: dict[str, Any]) -> None: ...
 
 
-class Gate(TypingProtocol):
+class Gate(typing.Protocol):
     """Admission for one upstream: at most some number of calls at once."""
 
     def try_acquire(self) -> bool: ...
@@ -84,7 +85,7 @@ class Attempt:
     gate: Gate = field(default_factory=OpenGate)
 
 
-class ChunkObserver(TypingProtocol):
+class ChunkObserver(typing.Protocol):
     """Looks at each relayed chunk after it was written, and summarises at the end."""
 
     def feed(self, chunk: bytes) -> None: ...
