@@ -37,9 +37,10 @@ def write_refusal(request: Request, status: int, error: str, detail: str) -> Non
     write_json(request, status, {"error": error, "detail": detail})
 
 
-def forwarded_headers(client: Headers, authority: bytes) -> Headers:
-    """The client's headers minus hop-by-hop and proxy ones; Host from the request URI."""
-    dropped = set(_NOT_FORWARDED)
+def forwarded_headers(client: Headers, authority: bytes, also_dropped: frozenset[bytes] = frozenset()) -> Headers:
+    """The client's headers minus hop-by-hop and proxy ones (and C{also_dropped});
+    Host naming C{authority}, the destination that was checked."""
+    dropped = set(_NOT_FORWARDED) | also_dropped
     for value in client.getRawHeaders(b"connection", []):
         dropped.update(token.strip().lower() for token in value.split(b","))
     out = Headers({name: values for name, values in client.getAllRawHeaders() if name.lower() not in dropped})

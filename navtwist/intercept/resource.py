@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.decisions import ALLOW, DENY, WOULD_DENY, DecisionLog, DecisionRecord, redact_target
 from navtwist.egress.dial import Egress
-from navtwist.egress.forward import failure_refusal
+from navtwist.egress.forward import failure_refusal, forwarded_headers
 from navtwist.egress.policy import IPAddress, Policy, normalize_host
 from navtwist.inference.errors import write_json
 from navtwist.intercept.credentials import CredentialSet, Mismatch
@@ -31,13 +31,12 @@ from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.upgrade import UpgradeClient, UpgradeClientFactory, upgrade_head
 from navtwist.intercept.rules import InterceptEntry, decide
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
-from navtwist.upstream.relay import HOP_BY_HOP
 
 log = Logger(namespace="navtwist.intercept")
 
-# Never passed to the origin: hop-by-hop, proxy credentials, and Expect (the
-# channel has already answered 100-continue itself).
-_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection", b"expect"}
+# Besides what the forward path drops (hop-by-hop, proxy credentials): Expect,
+# which the channel has already answered with 100 Continue itself.
+_ALSO_DROPPED = frozenset({b"expect"})
 
 
 def write_denial(request: Request, status: int, code: str, detail: str, reason: str | None = None) -> None:
@@ -47,16 +46,6 @@ def write_denial(request: Request, status: int, code: str, detail: str, reason: 
         document["reason"] = reason
     request.responseHeaders.setRawHeaders(b"x-navtwist-error", [code.encode("ascii")])
     write_json(request, status, document)
-
-
-def origin_headers(client: Headers, authority: bytes) -> Headers:
-    """The client's end-to-end headers, with Host naming the intercepted authority."""
-    dropped = set(_NOT_FORWARDED)
-    for value in client.getRawHeaders(b"connection", []):
-        dropped.update(token.strip().lower() for token in value.split(b","))
-    out = Headers({name: values for name, values in client.getAllRawHeaders() if name.lower() not in dropped})
-    out.setRawHeaders(b"host", [authority])
-    return out
 
 
 def _header_list(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -123,7 +112,7 @@ class InterceptResource(Resource):
         if judged is None:
             return NOT_DONE_YET
         entry, record = judged
-        headers = origin_headers(request.requestHeaders, _authority(host, port).encode("ascii"))
+        headers = forwarded_headers(request.requestHeaders, _authority(host, port).encode("ascii"), _ALSO_DROPPED)
         if credentials is not None:
             rewritten = credentials.rewrite(host, port, target, _header_list(headers))
             if isinstance(rewritten, Mismatch):
