@@ -84,10 +84,52 @@ class DecisionLog:
             self._file.write(json.dumps(ocsf(record, now), separators=(",", ":")) + "\n")
             self._file.flush()
 
+    def finish(self, record: DecisionRecord, started: float, now: float) -> None:
+        """Record C{record} with its duration from C{started}."""
+        record.duration_ms = round((now - started) * 1000, 1)
+        self.record(record, now)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class DecisionOnEnd:
+    """An exchange listener that writes an allowed request's decision when the
+    exchange ends, with its status and sizes, then tells C{inner} (metrics).
+
+    A request the egress stage refused after all (its name resolved to an
+    internal address, say) is recorded as denied, with the refusal's code.
+    """
+
+    def __init__(
+        self, log: DecisionLog, clock: Any, record: DecisionRecord, started: float, body: object = None,
+        inner: Any = None,
+    ) -> None:
+        self._log = log
+        self._clock = clock
+        self._record = record
+        self._started = started
+        self._body = body
+        self._inner = inner
+
+    def attempt_failed(self, failure: Any, timed_out: bool) -> None:
+        if self._inner is not None:
+            self._inner.attempt_failed(failure, timed_out)
+
+    def ended(self, outcome: dict[str, Any]) -> None:
+        decision = self._record
+        decision.status = outcome.get("status")
+        decision.bytes_down = int(outcome.get("bytes") or 0)
+        decision.bytes_up = int(getattr(self._body, "received", 0))
+        if outcome.get("outcome") == "rejected":
+            decision.decision, decision.reason = DENY, outcome.get("detail")
+            if decision.reason == "policy_denied":
+                decision.entry = None
+        self._log.finish(decision, self._started, self._clock.seconds())
+        if self._inner is not None:
+            self._inner.ended(outcome)
 
 
 def _open_append(path: str) -> IO[str]:

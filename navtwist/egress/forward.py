@@ -18,6 +18,7 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from navtwist.decisions import ALLOW, DecisionLog, DecisionOnEnd, DecisionRecord, redact_target
 from navtwist.egress.dial import Egress
 from navtwist.intercept.credentials import CredentialSet
 from navtwist.outcome import Refusal
@@ -91,6 +92,7 @@ class ForwardResource(Resource):
         self._clock = clock
         self._deadlines = deadlines
         self.credentials: CredentialSet | None = None  # set (and replaced on reload) by the service
+        self.decisions: DecisionLog | None = None  # set by the service
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
@@ -114,8 +116,22 @@ class ForwardResource(Resource):
             if listener is not None:
                 self._forward(request, target, port, listener, intercepted=True)
         else:
-            self._forward(request, target, port, self._listener)
+            self._forward(request, target, port, self._decided(request, target, port))
         return NOT_DONE_YET
+
+    def _decided(self, request: Request, target: SplitResult, port: int) -> ExchangeListener | None:
+        """The listener that logs this request's decision (allowed, or refused by
+        the egress checks) when its exchange ends, then tells the metrics."""
+        if self.decisions is None:
+            return self._listener
+        peer = request.getClientAddress()
+        origin_form = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        record = DecisionRecord(
+            kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            host=target.hostname or "", port=port, decision=ALLOW, entry="policy.allow",
+            method=request.method.decode("latin-1"), path=redact_target(origin_form),
+        )
+        return DecisionOnEnd(self.decisions, self._clock, record, self._clock.seconds(), None, self._listener)
 
     def _carries_placeholder(self, request: Request) -> bool:
         """Secrets never travel in clear text: a placeholder in a plain http://

@@ -21,7 +21,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from navtwist.decisions import ALLOW, DENY, WOULD_DENY, DecisionLog, DecisionRecord, redact_target
+from navtwist.decisions import ALLOW, DENY, WOULD_DENY, DecisionLog, DecisionOnEnd, DecisionRecord, redact_target
 from navtwist.egress.dial import Egress
 from navtwist.egress.forward import failure_refusal, forwarded_headers
 from navtwist.egress.policy import IPAddress, Policy, normalize_host
@@ -179,7 +179,7 @@ class InterceptResource(Resource):
         judged = self._judge(request, host, port, target, started)
         if judged is None:
             return None
-        return _Decided(self, judged[1], started, None, self._listener)
+        return DecisionOnEnd(self._decisions, self._clock, judged[1], started, None, self._listener)
 
     def _judge(
         self, request: Request, host: str, port: int, target: bytes, started: float
@@ -222,9 +222,7 @@ class InterceptResource(Resource):
         return entry, record
 
     def _decide(self, record: DecisionRecord, started: float) -> None:
-        now = self._clock.seconds()
-        record.duration_ms = round((now - started) * 1000, 1)
-        self._decisions.record(record, now)
+        self._decisions.finish(record, started, self._clock.seconds())
 
     def _forward(
         self, request: Request, entry: InterceptEntry, target: bytes, headers: Headers,
@@ -246,7 +244,7 @@ class InterceptResource(Resource):
         exchange = Exchange(
             request, self._clock, fail, stream_error=None, keep_length=True,
             fields={"intercept": _authority(host, port)},
-            listener=_Decided(self, record, started, body, self._listener),
+            listener=DecisionOnEnd(self._decisions, self._clock, record, started, body, self._listener),
         )
         exchange.start([Attempt(send=send, deadlines=self._deadlines, fields={})])
 
@@ -258,32 +256,3 @@ class InterceptResource(Resource):
         has_body = body is not None and (getattr(body, "length", 0) != 0)
         url = f"https://{_authority(host, port)}".encode("ascii") + target
         return agent.request(method, url, headers, body if has_body else None)
-
-
-class _Decided:
-    """Writes an allowed request's decision when its exchange ends, with status and sizes."""
-
-    def __init__(
-        self, resource: InterceptResource, record: DecisionRecord, started: float, body: object,
-        inner: ExchangeListener | None,
-    ) -> None:
-        self._resource = resource
-        self._record = record
-        self._started = started
-        self._body = body
-        self._inner = inner
-
-    def attempt_failed(self, failure: Failure, timed_out: bool) -> None:
-        if self._inner is not None:
-            self._inner.attempt_failed(failure, timed_out)
-
-    def ended(self, record: dict[str, Any]) -> None:
-        decision = self._record
-        decision.status = record.get("status")
-        decision.bytes_down = int(record.get("bytes") or 0)
-        decision.bytes_up = int(getattr(self._body, "received", 0))
-        if record.get("outcome") == "rejected":
-            decision.decision, decision.reason = DENY, record.get("detail")
-        self._resource._decide(decision, self._started)
-        if self._inner is not None:
-            self._inner.ended(record)

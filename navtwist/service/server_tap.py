@@ -148,6 +148,7 @@ def make_service(
     )
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
     forward.intercept = intercept
+    forward.decisions = decisions
     factory = ProxyFactory(
         ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics,
         intercept_site=intercept_site, decisions=decisions,
