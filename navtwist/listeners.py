@@ -18,7 +18,13 @@ from typing import Any
 from twisted.application import service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
@@ -30,6 +36,7 @@ log = Logger(namespace="navtwist")
 EXAMPLE = "tcp:3128:interface=127.0.0.1"
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _TCP_TYPES = frozenset({"tcp", "tcp6", "ssl"})
+_CHECKABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint, UNIXServerEndpoint)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,12 @@ def parse_listen(description: str) -> ListenAddress | None:
     """
     reactor = MemoryReactor()  # records what would be bound, binds nothing
     try:
-        listening = serverFromString(reactor, description).listen(Factory())
+        endpoint = serverFromString(reactor, description)
+        # Only these are known to bind nothing here: listening on an adopted
+        # socket, for one, closes the descriptor systemd passed.
+        if not isinstance(endpoint, _CHECKABLE):
+            return None
+        listening = endpoint.listen(Factory())
     except Exception as exc:
         if _type(description) == "systemd" and isinstance(exc, (IndexError, KeyError)):
             return None  # no such inherited socket (yet): known only once systemd starts navtwist

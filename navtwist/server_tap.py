@@ -5,7 +5,7 @@ import gc
 import os
 from typing import Callable
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,6 +21,7 @@ from navtwist.endpoints import UpstreamEndpoints
 from navtwist.forward import ForwardResource
 from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
+from navtwist.listeners import Listener
 from navtwist.logs import twistd_service
 from navtwist.metrics import Metrics
 from navtwist.observe import MetricsListener
@@ -29,6 +30,8 @@ from navtwist.proxy import ProxyFactory
 from navtwist.reload import ConfigReloader
 from navtwist.hooks import select
 from navtwist.router import Extensions, InferenceRouter, UpstreamClients
+from navtwist.interrupts import quiet_until_running
+from navtwist.startup import check_before_start
 
 log = Logger(namespace="navtwist")
 
@@ -47,12 +50,13 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        # Validation happens here so that a bad config is a one-line usage
-        # error and twistd exits non-zero before daemonizing.
+        # Validation happens here so that a bad config stops twistd before it
+        # daemonizes.  SystemExit, not UsageError: twistd would print its
+        # option summary above the one line that matters.
         try:
             self["navtwist-config"] = self.load()
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"navtwist: {e}") from None
         if self["watch"] and not self["config"]:
             raise usage.UsageError("--watch needs --config")
         if self["watch-interval"] <= 0:
@@ -118,7 +122,7 @@ def make_service(
     factory = ProxyFactory(ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics)
 
     top = service.MultiService()
-    strports.service(config.listen, factory, reactor=reactor).setServiceParent(top)
+    Listener("listen", config.listen, factory, reactor, "navtwist").setServiceParent(top)
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     if config.admin_listen is not None:
@@ -131,7 +135,7 @@ def make_service(
             }
 
         admin = make_admin_site(metrics, readiness, reactor)
-        strports.service(config.admin_listen, admin, reactor=reactor).setServiceParent(top)
+        Listener("admin_listen", config.admin_listen, admin, reactor, "navtwist admin").setServiceParent(top)
     if reload is not None:
 
         def apply(new: Config) -> None:
@@ -156,6 +160,8 @@ def make_service(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    quiet_until_running(reactor)
+    check_before_start(options["navtwist-config"], options.parent)
     top = make_service(
         options["navtwist-config"],
         reactor,
