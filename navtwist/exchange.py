@@ -373,7 +373,7 @@ class Exchange:
             record["ttft_ms"] = _ms(self._started, summary.pop("first_token_at", None))
             record.update(summary)
         self.record = record
-        log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), **record)
+        log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), event="request", **record)
         if self._observer is not None:
             self._observer.ended(record)
         if self._listener is not None:

@@ -22,7 +22,7 @@ from navtwist.forward import ForwardResource
 from navtwist.httpchannel import HardenedSite
 from navtwist.intercept import InterceptSite
 from navtwist.listeners import Listener
-from navtwist.logs import twistd_service
+from navtwist.logs import Rotation, twistd_service
 from navtwist.metrics import Metrics
 from navtwist.observe import MetricsListener
 from navtwist.exchange import Deadlines
@@ -44,6 +44,8 @@ class Options(usage.Options):
         ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
         ["ca-dir", None, None, "Directory of ca.pem and ca.key, overriding the config."],
         ["watch-interval", None, 2.0, "Seconds between checks of the config file with --watch.", float],
+        ["log-max-bytes", None, Rotation.max_bytes, "Rotate the JSON log file when it reaches this size.", int],
+        ["log-keep", None, Rotation.keep, "Rotated JSON log files to keep (PATH.1 ... PATH.N).", int],
     ]
     optFlags = [
         ["watch", "w", "Reload the config file whenever it changes (SIGHUP always reloads)."],
@@ -61,6 +63,8 @@ class Options(usage.Options):
             raise usage.UsageError("--watch needs --config")
         if self["watch-interval"] <= 0:
             raise usage.UsageError("--watch-interval must be positive")
+        if self["log-max-bytes"] < 1 or self["log-keep"] < 1:
+            raise usage.UsageError("--log-max-bytes and --log-keep must be at least 1")
 
     def load(self) -> Config:
         """The config as the command line says: the file (or default) plus overrides."""
@@ -172,7 +176,7 @@ def makeService(options: Options) -> service.MultiService:
     )
     reactor.callWhenRunning(tune_gc)
     # twistd's own options (--logfile, --nodaemon) pick the log observer.
-    return twistd_service(top, options.parent)
+    return twistd_service(top, options.parent, Rotation(options["log-max-bytes"], options["log-keep"]))
 
 
 def tune_gc() -> None:
