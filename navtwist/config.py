@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from navtwist.inference import hooks
+from navtwist.listen_address import parse_listen, same_address
 from navtwist.egress.policy import Policy
 from navtwist.intercept.credentials import Credential, CredentialError, check_bound, parse_credentials
 from navtwist.intercept.rules import check_overlap, parse_intercept
@@ -149,8 +150,8 @@ def parse_config(
     defaults = _defaults(Config)
     routes = _list(top, "routes", "")
     policy = _policy(top)
-    return Config(
-        listen=_string(top, "listen", "", defaults["listen"]),
+    return _check_listeners(Config(
+        listen=_endpoint(top, "listen", "", defaults["listen"]),
         ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
         routes=_check_fallbacks(
             tuple(_route(entry, f"routes[{i}]", environ, require_keys) for i, entry in enumerate(routes))
@@ -161,10 +162,10 @@ def parse_config(
         credentials=_credentials(top, environ, policy, previous),
         plugins=_plugins(top),
         drain_timeout=_number(top, "drain_timeout", "", defaults["drain_timeout"]),
-        admin_listen=_string(top, "admin_listen", "", None),
+        admin_listen=_endpoint(top, "admin_listen", "", None),
         ca_name_constraints=_bool(top, "ca_name_constraints", "", defaults["ca_name_constraints"]),
         audit_log=_string(top, "audit_log", "", None),
-    )
+    ))
 
 
 def load_config(
@@ -184,7 +185,7 @@ def load_config(
     except UnicodeDecodeError:
         raise ConfigError(f"config {path}: cannot read: not valid UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}: {_describe_yaml_error(exc, text)}") from None
     if data is None:
@@ -232,11 +233,11 @@ def default_config(environ: Mapping[str, str]) -> Config:
 def with_overrides(config: Config, listen: str | None, ca_dir: str | None) -> Config:
     """C{config} with command-line values (None: keep) for C{listen} and C{ca_dir}."""
     given = {"listen": listen, "ca_dir": ca_dir}
-    return replace(
+    return _check_listeners(replace(
         config,
-        listen=_string(given, "listen", "", config.listen),
+        listen=_endpoint(given, "listen", "", config.listen),
         ca_dir=_string(given, "ca_dir", "", config.ca_dir),
-    )
+    ))
 
 
 def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bool) -> Route:
@@ -256,7 +257,7 @@ def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bo
         protocols=_protocols(route, path),
         api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock", require_keys),
         provider_type=_provider_type(route, path),
-        models=_string_list(route, "models", path),
+        models=_models(route, path),
         passthrough_model=passthrough,
         fallback=_string_list(route, "fallback", path),
         fallback_on=_status_list(route, "fallback_on", path, defaults["fallback_on"]),
@@ -469,11 +470,13 @@ def _bool(mapping: Mapping[Any, object], key: str, path: str, default: bool) -> 
 
 
 def _string_list(mapping: Mapping[Any, object], key: str, path: str) -> tuple[str, ...]:
-    """An optional list of distinct non-blank strings; absent, empty."""
+    """An optional list of distinct non-blank strings; absent or [], empty."""
     if mapping.get(key) is None:
         return ()
     where = _join(path, key)
-    items = _list(mapping, key, path)
+    items = mapping[key]
+    if not isinstance(items, list):
+        raise _type_error(where, "a list", items)
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise _type_error(f"{where}[{i}]", "a string", item)
@@ -567,3 +570,58 @@ def _scheme(url: str) -> str:
 
 def _has_space_or_control(text: str) -> bool:
     return any(c.isspace() or not c.isprintable() for c in text)
+
+
+def _endpoint(mapping: Mapping[Any, object], key: str, path: str, default: _T) -> str | _T:
+    """A Twisted server endpoint string, checked now: a typo must stop start-up, not the listener."""
+    value = _string(mapping, key, path, default)
+    if isinstance(value, str):
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{_join(path, key)}: {exc}") from None
+    return value
+
+
+def _check_listeners(config: Config) -> Config:
+    """The admin endpoint needs an address of its own."""
+    if config.admin_listen is not None and same_address(parse_listen(config.listen), parse_listen(config.admin_listen)):
+        raise ConfigError(
+            f"admin_listen: {config.admin_listen!r} is the same address as listen ({config.listen!r}); "
+            "give the admin endpoint its own port, e.g. tcp:9128:interface=127.0.0.1"
+        )
+    return config
+
+
+def _models(route: Mapping[Any, object], path: str) -> tuple[str, ...]:
+    """A route's client-facing model names.  An explicit [] is refused: it could
+    mean "answers no model" as well as "absent" (the protocols' default route)."""
+    if route.get("models") == []:
+        raise ConfigError(
+            f"{_join(path, 'models')}: must not be empty: leave the key out to make the route its protocols' "
+            "default, or list the model names it answers to"
+        )
+    return _string_list(route, "models", path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an
+    error: by default the last one silently wins (a second C{routes:} would
+    replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" entries may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[key] + 1})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)

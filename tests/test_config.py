@@ -520,8 +520,8 @@ def test_file_validation_errors_name_file_and_key_path(tmp_path: Any) -> None:
 def test_with_overrides() -> None:
     config = parse_config(_doc(listen="tcp:1", ca_dir="/etc/ca"), ENV)
     assert with_overrides(config, None, None) == config
-    changed = with_overrides(config, "tcp:9999:interface=::1", "~/my-ca")
-    assert changed.listen == "tcp:9999:interface=::1"
+    changed = with_overrides(config, r"tcp6:9999:interface=\:\:1", "~/my-ca")
+    assert changed.listen == r"tcp6:9999:interface=\:\:1"
     assert changed.ca_dir == os.path.expanduser("~/my-ca")
     assert not changed.ca_dir.startswith("~")
     assert changed.routes == config.routes

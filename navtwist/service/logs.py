@@ -9,37 +9,110 @@ default is C{twistd.log}) every event, navtwist's and Twisted's own, is one
 JSON object per line in L.  In the foreground without C{--logfile}, twistd's
 text observer on stdout stays, as do C{--syslog} and C{--logger}.
 
-Each line is the event as L{twisted.logger.eventAsJSON} writes it (so
-L{twisted.logger.eventsFromJSONLogFile} reads the file back), plus
-C{"log_text"}: the rendered message, with the traceback for failures.
-The file is a L{LogFile} like twistd's own: it rotates at 1 MB to C{L.1},
-C{L.2}, ..., and on SIGUSR1.
+Each line is one compact object in the schema of docs/logging.md
+(L{log_record}): C{time}, C{level}, C{event}, C{namespace}, C{message}, then
+the event's own fields, not Twisted's raw event dict.  The file is a
+L{LogFile} like twistd's own, rotated at a size and on SIGUSR1, but keeping
+only so many rotated files (L{Rotation}).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import IO, Any
 
 from twisted.application import service
-from twisted.logger import FileLogObserver, ILogObserver, LogEvent, eventAsJSON, eventAsText
+from twisted.logger import FileLogObserver, ILogObserver, LogEvent, LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 DEFAULT_DAEMON_LOGFILE = "twistd.log"  # what twistd itself uses for a daemon without --logfile
 DAEMON_UMASK = 0o077  # what twistd applies to a daemon without --umask
 
 
-def json_line(event: LogEvent) -> str:
-    """C{event} as one line of JSON, ending in a newline.
+DEFAULT_EVENT = "log"  # the event name of everything logged without event=
+_FIXED_KEYS = ("time", "level", "event", "namespace", "message", "traceback")
+# The fixed keys, and those of twisted.python.log (legacy) events besides the log_* ones.
+_NOT_FIELDS = frozenset(_FIXED_KEYS) | {"system", "isError", "format", "printed", "why", "failure"}
+_MAX_DEPTH = 8
+_LEVELS = frozenset(LogLevel.iterconstants())
 
-    The event is copied: observers share event dicts, and flattening it or
-    adding C{log_text} must not change what the others see.
+
+def log_record(event: LogEvent) -> dict[str, Any]:
+    """C{event} as the object one JSON line holds (docs/logging.md).
+
+    The fixed keys come first: C{time} (ISO 8601, UTC), C{level}, C{event}
+    (the C{event=} the caller passed, else C{log}), C{namespace},
+    C{message} (the formatted text), C{traceback} for a failure.  Then the
+    event's own fields that are JSON data.  Left out: Twisted's C{log_*}
+    keys, the keys of its legacy events (which a legacy observer may add to
+    any event), fields named like a fixed key, and values that are not JSON
+    data (objects).  The event itself is not changed: observers share it.
     """
-    event = dict(event)
-    event.pop("log_logger", None)  # a Logger object, which would be {"unpersistable": true}
-    if "log_text" not in event:  # legacy (twisted.python.log) events already carry it
-        event["log_text"] = eventAsText(event, includeTimestamp=False, includeSystem=False)
-    return eventAsJSON(event) + "\n"  # eventAsJSON escapes every newline inside the event
+    failure = event.get("log_failure")
+    message = formatEvent(event)
+    if failure is None and event.get("isError") and isinstance(event.get("failure"), Failure):
+        failure = event["failure"]  # legacy log.err: the text would repeat the traceback
+        message = str(event.get("why") or "Unhandled Error")
+    name = event.get("event")
+    level = event.get("log_level")
+    when = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": _iso_utc(when) if isinstance(when, (int, float)) else None,
+        "level": level.name if level in _LEVELS else "info",
+        "event": name if isinstance(name, str) and name else DEFAULT_EVENT,
+        "namespace": event.get("log_namespace"),
+        "message": message,
+    }
+    if isinstance(failure, Failure):
+        record["traceback"] = failure.getTraceback()
+    for key, value in event.items():
+        if isinstance(key, str) and not key.startswith("log_") and key not in _NOT_FIELDS and _is_json(value, 0):
+            record[key] = value
+    return record
+
+
+def json_line(event: LogEvent) -> str:
+    """C{event} as one line of compact, ASCII-only JSON (L{log_record}), ending in a newline."""
+    try:
+        return json.dumps(log_record(event), separators=(",", ":"), allow_nan=False) + "\n"
+    except (TypeError, ValueError, RecursionError):
+        # An observer that raises is removed by Twisted: never lose the log for one odd event.
+        return json.dumps({"time": None, "level": "error", "event": DEFAULT_EVENT, "namespace": "navtwist.logs",
+                           "message": "an event could not be written as JSON"}) + "\n"
+
+
+def _iso_utc(timestamp: float) -> str:
+    """C{2026-05-04T12:00:00.123Z}."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _is_json(value: object, depth: int) -> bool:
+    """Whether C{value} is JSON data: null, booleans, numbers (finite), strings, lists and string-keyed objects."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """When the JSON log file rotates (its size), and how many rotated files are kept: at most
+    about C{max_bytes * (keep + 1)} on disk."""
+
+    max_bytes: int = 10_000_000
+    keep: int = 5
 
 
 class JSONLinesObserver(FileLogObserver):
@@ -71,14 +144,16 @@ def log_path_for(twistd_options: Any) -> str | None:
     return os.path.abspath(path or DEFAULT_DAEMON_LOGFILE)
 
 
-def log_observer_for(twistd_options: Any) -> JSONLinesObserver | None:
+def log_observer_for(twistd_options: Any, rotation: Rotation = Rotation()) -> JSONLinesObserver | None:
     """A JSON-lines observer on L{log_path_for}C{(twistd_options)}, or None
     to leave logging to twistd.
 
     The file is created as twistd's umask would create it (twistd opens
     logs before applying C{--umask}, or 077 for a daemon); an existing file
     keeps its mode, which L{LogFile} also gives the files it rotates to.
-    SIGUSR1 rotates it, as it does twistd's own log file.
+    It rotates at C{rotation.max_bytes} and on SIGUSR1 (as twistd's own log
+    file does), to C{PATH.1}, C{PATH.2}, ...; files beyond C{rotation.keep}
+    are deleted.
     """
     path = log_path_for(twistd_options)
     if path is None:
@@ -87,7 +162,8 @@ def log_observer_for(twistd_options: Any) -> JSONLinesObserver | None:
     if umask is None and not _foreground(twistd_options):
         umask = DAEMON_UMASK
     mode = None if umask is None or os.path.exists(path) else 0o666 & ~umask
-    log_file = LogFile.fromFullPath(path, defaultMode=mode)
+    log_file = LogFile.fromFullPath(path, rotateLength=rotation.max_bytes, defaultMode=mode,
+                                    maxRotatedFiles=rotation.keep)
     _rotate_on_sigusr1(log_file)
     return JSONLinesObserver(log_file)
 
@@ -120,23 +196,24 @@ class TwistdLogging(service.MultiService):
     while the service was built are buffered by Twisted and written then.
     """
 
-    def __init__(self, twistd_options: Any) -> None:
+    def __init__(self, twistd_options: Any, rotation: Rotation = Rotation()) -> None:
         super().__init__()
         self._twistd_options = twistd_options
+        self._rotation = rotation
         self.observer: JSONLinesObserver | None = None
 
     def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
         # Only an Application (a Componentized) has a log observer; under
         # another service there is nothing to set, and one already set wins.
         if hasattr(parent, "setComponent") and parent.getComponent(ILogObserver, None) is None:
-            self.observer = log_observer_for(self._twistd_options)
+            self.observer = log_observer_for(self._twistd_options, self._rotation)
             if self.observer is not None:
                 parent.setComponent(ILogObserver, self.observer)
         super().setServiceParent(parent)
 
 
-def twistd_service(inner: service.IService, twistd_options: Any) -> TwistdLogging:
+def twistd_service(inner: service.IService, twistd_options: Any, rotation: Rotation = Rotation()) -> TwistdLogging:
     """C{inner} under a L{TwistdLogging}: what C{makeService} returns to twistd."""
-    top = TwistdLogging(twistd_options)
+    top = TwistdLogging(twistd_options, rotation)
     inner.setServiceParent(top)
     return top

@@ -17,7 +17,7 @@ import re
 import math
 from typing import Any, Callable, Concatenate, Iterable, Mapping, ParamSpec
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from twisted.logger import Logger
 
 from navtwist.decisions import DECISIONS
@@ -90,6 +90,10 @@ class Metrics:
     """The proxy's metrics in a registry of their own, so that instances never collide."""
 
     def __init__(self, route_names: Iterable[str] = (), registry: CollectorRegistry | None = None) -> None:
+        # No *_created series (a start timestamp per counter and histogram
+        # child): they double the series and tell nothing a restart does not.
+        # The switch is process-wide in prometheus_client.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         self._failed: set[str] = set()
         self._routes: frozenset[str] = frozenset()

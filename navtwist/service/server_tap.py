@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -28,7 +28,10 @@ from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.egress.forward import ForwardResource
 from navtwist.http.channel import HardenedSite
 from navtwist.http.sites import InterceptSite
-from navtwist.service.logs import twistd_service
+from navtwist.service.interrupts import quiet_until_running
+from navtwist.service.listen import Listener
+from navtwist.service.logs import Rotation, twistd_service
+from navtwist.service.startup import check_before_start
 from navtwist.service.metrics import Metrics
 from navtwist.inference.observe import MetricsListener
 from navtwist.upstream.exchange import Deadlines
@@ -49,22 +52,27 @@ class Options(usage.Options):
         ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
         ["ca-dir", None, None, "Directory of ca.pem and ca.key, overriding the config."],
         ["watch-interval", None, 2.0, "Seconds between checks of the config file with --watch.", float],
+        ["log-max-bytes", None, Rotation.max_bytes, "Rotate the JSON log file when it reaches this size.", int],
+        ["log-keep", None, Rotation.keep, "Rotated JSON log files to keep (PATH.1 ... PATH.N).", int],
     ]
     optFlags = [
         ["watch", "w", "Reload the config file whenever it changes (SIGHUP always reloads)."],
     ]
 
     def postOptions(self) -> None:
-        # Validation happens here so that a bad config is a one-line usage
-        # error and twistd exits non-zero before daemonizing.
+        # Validation happens here so that a bad config stops twistd before it
+        # daemonizes.  SystemExit, not UsageError: twistd would print its
+        # option summary above the one line that matters.
         try:
             self["navtwist-config"] = self.load()
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"navtwist: {e}") from None
         if self["watch"] and not self["config"]:
             raise usage.UsageError("--watch needs --config")
         if self["watch-interval"] <= 0:
             raise usage.UsageError("--watch-interval must be positive")
+        if self["log-max-bytes"] < 1 or self["log-keep"] < 1:
+            raise usage.UsageError("--log-max-bytes and --log-keep must be at least 1")
 
     def load(self, previous: Config | None = None) -> Config:
         """The config as the command line says: the file (or default) plus overrides.
@@ -155,7 +163,7 @@ def make_service(
     )
 
     top = service.MultiService()
-    strports.service(with_backlog(config.listen), factory, reactor=reactor).setServiceParent(top)
+    Listener("listen", with_backlog(config.listen), factory, reactor, "navtwist").setServiceParent(top)
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     _UpstreamPoolService(origins).setServiceParent(top)
@@ -169,7 +177,7 @@ def make_service(
             }
 
         admin = make_admin_site(metrics, readiness, reactor)
-        strports.service(config.admin_listen, admin, reactor=reactor).setServiceParent(top)
+        Listener("admin_listen", config.admin_listen, admin, reactor, "navtwist admin").setServiceParent(top)
     if reload is not None:
 
         def apply(new: Config) -> None:
@@ -218,6 +226,8 @@ def make_service(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    quiet_until_running(reactor)
+    check_before_start(options["navtwist-config"], options.parent)
     top = make_service(
         options["navtwist-config"],
         reactor,
@@ -228,7 +238,7 @@ def makeService(options: Options) -> service.MultiService:
     )
     reactor.callWhenRunning(tune_gc)
     # twistd's own options (--logfile, --nodaemon) pick the log observer.
-    return twistd_service(top, options.parent)
+    return twistd_service(top, options.parent, Rotation(options["log-max-bytes"], options["log-keep"]))
 
 
 def tune_gc() -> None:

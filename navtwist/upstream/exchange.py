@@ -383,7 +383,7 @@ class Exchange:
             bytes_relayed=0 if self._relay is None else self._relay.bytes_relayed,
             observed=self._observer.summary() if self._observer is not None else {},
         )
-        log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), **record)
+        log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), event="request", **record)
         if self._observer is not None:
             self._observer.ended(record)
         if self._listener is not None:
