@@ -74,7 +74,8 @@ class DecisionLog:
         fields = record.fields()
         log.info(
             "decision {decision} {kind} {host}:{port}" + (" {method} {path}" if record.method else "")
-            + " ({reason})" * (record.reason is not None),
+            + " ({reason})" * (record.reason is not None)
+            + " credential={credential}" * (record.credential is not None),  # the name, never a value
             event="decision",
             **fields,
         )

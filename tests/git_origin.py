@@ -73,6 +73,36 @@ def make_bare_repo(root: Path, name: str = "repo.git") -> Path:
     return bare
 
 
+def http_backend(handler: BaseHTTPRequestHandler, root: Path, body: bytes,
+                 remote_user: str = "agent") -> tuple[int, list[tuple[str, str]], bytes]:
+    """Answer C{handler}'s request (its de-chunked C{body} read already) with
+    C{git http-backend} as a CGI program serving C{root}: status, headers, payload."""
+    url = urlsplit(handler.path)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(root), "GIT_PROJECT_ROOT": str(root), "GIT_HTTP_EXPORT_ALL": "1",
+        "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": "HTTP/1.1", "REQUEST_METHOD": handler.command,
+        "PATH_INFO": url.path, "QUERY_STRING": url.query, "REMOTE_ADDR": handler.client_address[0],
+        "REMOTE_USER": remote_user, "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": handler.headers.get("content-type", ""),
+    }
+    for name in ("content-encoding", "git-protocol"):
+        if (value := handler.headers.get(name)) is not None:
+            env["HTTP_" + name.upper().replace("-", "_")] = value
+    result = subprocess.run([str(HTTP_BACKEND)], input=body, env=env, capture_output=True, timeout=TIMEOUT * 3)
+    head, sep, payload = result.stdout.partition(b"\r\n\r\n")
+    if not sep:  # CGI programs may end header lines with a bare LF
+        head, sep, payload = result.stdout.partition(b"\n\n")
+    status, headers = 200, []
+    for line in head.decode("latin-1").splitlines():
+        name, _, value = line.partition(":")
+        if name.lower() == "status":
+            status = int(value.split()[0])
+        elif name:
+            headers.append((name, value.strip()))
+    return status, headers, payload
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = TIMEOUT
@@ -84,28 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         body = read_request_body(self)  # de-chunked
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_CONFIG_NOSYSTEM": "1",
-            "HOME": str(self.server.root), "GIT_PROJECT_ROOT": str(self.server.root), "GIT_HTTP_EXPORT_ALL": "1",
-            "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": "HTTP/1.1", "REQUEST_METHOD": self.command,
-            "PATH_INFO": url.path, "QUERY_STRING": url.query, "REMOTE_ADDR": self.client_address[0],
-            "REMOTE_USER": "agent", "CONTENT_LENGTH": str(len(body)),
-            "CONTENT_TYPE": self.headers.get("content-type", ""),
-        }
-        for name in ("content-encoding", "git-protocol"):
-            if (value := self.headers.get(name)) is not None:
-                env["HTTP_" + name.upper().replace("-", "_")] = value
-        result = subprocess.run([str(HTTP_BACKEND)], input=body, env=env, capture_output=True, timeout=TIMEOUT * 3)
-        head, sep, payload = result.stdout.partition(b"\r\n\r\n")
-        if not sep:  # CGI programs may end header lines with a bare LF
-            head, sep, payload = result.stdout.partition(b"\n\n")
-        status, headers = 200, []
-        for line in head.decode("latin-1").splitlines():
-            name, _, value = line.partition(":")
-            if name.lower() == "status":
-                status = int(value.split()[0])
-            elif name:
-                headers.append((name, value.strip()))
+        status, headers, payload = http_backend(self, self.server.root, body)
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         record = GitRequest(self.command, url.path, url.query, status, chunked, self.headers.get("content-encoding"))
         self.server.requests.append(record)

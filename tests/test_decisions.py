@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from navtwist.decisions import DecisionLog, DecisionRecord, ocsf, redact_target
 
@@ -69,6 +69,9 @@ def test_each_decision_is_one_event_and_one_audit_line(tmp_path: Path) -> None:
     decisions = [e for e in events if e.get("event") == "decision"]
     assert [e["decision"] for e in decisions] == ["deny", "allow"]
     assert decisions[0]["credential"] == "github" and "reason" not in decisions[1]
+    # The text line names the credential too (twistd's log shows only the formatted text).
+    assert formatEvent(decisions[0]).endswith(" credential=github")
+    assert "credential" not in formatEvent(decisions[1])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["action"] for line in lines] == ["Denied", "Allowed"]
     assert counted == [("policy.intercept[0]", "deny"), ("policy.intercept[0]", "allow")]

@@ -7,13 +7,16 @@ import json
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from navtwist.config import Limits, Timeouts
+from navtwist.decisions import DecisionLog
 from navtwist.egress.dial import Egress
 from navtwist.egress.forward import ForwardResource
 from navtwist.egress.policy import Policy
 from navtwist.http.channel import HardenedSite
+from navtwist.intercept.credentials import Binding, Credential, CredentialSet
 from navtwist.testing import FakeAgent, FakeResolver, FakeResponse, RecordingTransport
 from navtwist.upstream.exchange import Deadlines
 
@@ -28,9 +31,9 @@ class Client:
         self.agent = FakeAgent()
         egress = Egress(self.clock, self.clock, FakeResolver({"allowed.example": ["93.184.216.34"]}),
                         Policy.parse(["allowed.example:80"]), connect_timeout=4)
-        resource = ForwardResource(egress, self.agent, self.clock, Deadlines(first_byte=FIRST_BYTE, idle=30,
-                                                                              write_stall=15))
-        self.channel = HardenedSite(resource, Limits(), Timeouts(), self.clock).buildProtocol(None)
+        self.resource = ForwardResource(egress, self.agent, self.clock, Deadlines(first_byte=FIRST_BYTE, idle=30,
+                                                                                   write_stall=15))
+        self.channel = HardenedSite(self.resource, Limits(), Timeouts(), self.clock).buildProtocol(None)
         self.transport = RecordingTransport()
         self.channel.makeConnection(self.transport)
 
@@ -62,6 +65,27 @@ def test_request_goes_to_the_checked_address_without_hop_headers(client: Client)
     response.end()
     head, _, body = client.transport.value().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 2" in head.lower() and body == b"ok"
+
+
+def test_placeholder_over_plain_http_is_refused_and_logged_as_a_decision_without_it(client: Client) -> None:
+    github = Credential("github", "env", "GITHUB_TOKEN_REAL", "GITHUB_TOKEN", (Binding("api.github.com", 443),),
+                        secret="ghp_" + "A" * 36)
+    credentials = CredentialSet.create([github], b"s" * 32)
+    placeholder = credentials.env_variables()["GITHUB_TOKEN"]
+    client.resource.credentials = credentials
+    client.resource.decisions = DecisionLog()
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client.send(f"http://allowed.example/p/{placeholder}?t={placeholder}")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    status, document = client.refusal()
+    assert (status, document["error"]) == (403, "credential_endpoint_mismatch") and client.agent.calls == []
+    [decision] = [event for event in events if event.get("event") == "decision"]
+    assert decision["decision"] == "deny" and decision["credential"] == "github"
+    assert formatEvent(decision) == ("decision deny request allowed.example:80 GET /p/[credential:github]?t=REDACTED "
+                                     "(credential_endpoint_mismatch) credential=github")
 
 
 def test_destination_outside_the_policy_is_refused_and_never_asked(client: Client) -> None:

@@ -7,7 +7,7 @@ the twisted.web Agent is used directly, without treq's content decoding.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from twisted.internet.defer import Deferred
@@ -18,7 +18,7 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from navtwist.decisions import ALLOW, DecisionLog, DecisionOnEnd, DecisionRecord, redact_target
+from navtwist.decisions import ALLOW, DENY, DecisionLog, DecisionOnEnd, DecisionRecord, redact_target
 from navtwist.egress.dial import Egress
 from navtwist.intercept.credentials import CredentialSet
 from navtwist.outcome import Refusal
@@ -124,13 +124,7 @@ class ForwardResource(Resource):
         the egress checks) when its exchange ends, then tells the metrics."""
         if self.decisions is None:
             return self._listener
-        peer = request.getClientAddress()
-        origin_form = (target.path or "/") + (f"?{target.query}" if target.query else "")
-        record = DecisionRecord(
-            kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
-            host=target.hostname or "", port=port, decision=ALLOW, entry="policy.allow",
-            method=request.method.decode("latin-1"), path=redact_target(origin_form),
-        )
+        record = _record(request, target, port, decision=ALLOW, entry="policy.allow")
         return DecisionOnEnd(self.decisions, self._clock, record, self._clock.seconds(), None, self._listener)
 
     def _carries_placeholder(self, request: Request) -> bool:
@@ -145,6 +139,16 @@ class ForwardResource(Resource):
         name = credentials.contains_placeholder(head)
         if name is None:
             return False
+        if self.decisions is not None:
+            try:  # the logged URI has its placeholders replaced by the credential's name
+                target = urlsplit(credentials.redact(request.uri).decode("latin-1"))
+                port = target.port or 80
+            except ValueError:
+                target, port = urlsplit(""), 80  # unparsable: logged without host and path
+            record = _record(request, target, port, decision=DENY, reason="credential_endpoint_mismatch",
+                             status=403, credential=name)
+            now = self._clock.seconds()
+            self.decisions.finish(record, now, now)
         write_refusal(request, 403, "credential_endpoint_mismatch",
                       f"credential {name} is never sent over plain http://")
         return True
@@ -188,3 +192,14 @@ class ForwardResource(Resource):
             forwarded_headers(request.requestHeaders, target.netloc.encode("ascii")),
             BytesProducer(body) if body else None,
         )
+
+
+def _record(request: Request, target: SplitResult, port: int, **fields: Any) -> DecisionRecord:
+    """The decision record of a forwarded request to C{target} (query values redacted)."""
+    peer = request.getClientAddress()
+    origin_form = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    return DecisionRecord(
+        kind="request", client=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+        host=target.hostname or "", port=port, method=request.method.decode("latin-1"),
+        path=redact_target(origin_form), **fields,
+    )

@@ -112,8 +112,10 @@ class InterceptResource(Resource):
         if judged is None:
             return NOT_DONE_YET
         entry, record = judged
-        headers = forwarded_headers(request.requestHeaders, _authority(host, port).encode("ascii"), _ALSO_DROPPED)
+        headers = request.requestHeaders
         if credentials is not None:
+            # Every header the client sent, also those never forwarded: a
+            # placeholder bound elsewhere refuses the request wherever it is.
             rewritten = credentials.rewrite(host, port, target, _header_list(headers))
             if isinstance(rewritten, Mismatch):
                 record.decision, record.reason, record.status = DENY, "credential_endpoint_mismatch", 403
@@ -126,6 +128,7 @@ class InterceptResource(Resource):
                 for name, value in rewritten.headers:
                     headers.addRawHeader(name, value)
                 record.credential = ",".join(rewritten.credentials)
+        headers = forwarded_headers(headers, _authority(host, port).encode("ascii"), _ALSO_DROPPED)
         if request.requestHeaders.hasHeader(b"upgrade"):
             self._upgrade(request, entry, target, headers, record, started)
         else:
