@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -549,3 +550,13 @@ def test_tools_that_never_call_upstreams_can_read_configs_without_keys() -> None
     with pytest.raises(ConfigError, match="UNSET_KEY"):
         parse_config(document, {})
     assert parse_config(document, {}, require_keys=False).routes[0].api_key == ""
+
+
+def test_the_shipped_example_config_loads_as_documented() -> None:
+    """README and docs/service.md start navtwist with navtwist.example.yaml: it must load."""
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(str(root / "navtwist.example.yaml"), {})
+    assert config.listen == "tcp:3128:interface=127.0.0.1" and config.routes[0].is_mock
+    assert [entry.host for entry in config.policy.intercept] == ["api.github.com", "github.com"]
+    readme = (root / "README.md").read_text()
+    assert "--config navtwist.example.yaml" in readme and "--pidfile=" in readme
