@@ -737,7 +737,8 @@ def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, e
 
 def test_command_usage(capsys):
     assert main(["ca"]) == 2
-    assert "required: ACTION" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "choose an action: rotate" in err and err.count("\n") == 1
 
 
 # --- real TLS clients --------------------------------------------------------------------------

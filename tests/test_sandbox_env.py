@@ -297,9 +297,10 @@ def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, c
 def test_command_usage(capsys):
     assert main([]) == 2
     assert main(["env", "--format", "xml"]) == 2
-    assert "invalid choice: 'xml'" in capsys.readouterr().err
+    assert "expected one of sh, json, dotenv" in capsys.readouterr().err
     assert main(["env", "--help"]) == 0
     assert "--proxy-url" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("navtwist ")
 
 
 # --- end to end --------------------------------------------------------------------------

@@ -59,3 +59,24 @@ def test_unusable_ca_dir_is_a_one_line_exit(tmp_path) -> None:  # type: ignore[n
     options.parseOptions(["--ca-dir", str(tmp_path / "ca")])
     with pytest.raises(SystemExit, match="navtwist: .*ca"):
         make_service(options["navtwist-config"], MemoryReactorClock())
+
+
+def test_plugin_options_follow_twisteds_conventions(capsys: pytest.CaptureFixture[str]) -> None:
+    from navtwist.service.cli import EnvOptions
+
+    options = Options()
+    assert options.synopsis and options.longdesc
+    # The config options are defined once and shared with `navtwist env`.
+    shared = {"config", "ca-dir"}
+    assert shared <= {p[0] for p in _params(Options)} & {p[0] for p in _params(EnvOptions)}
+    with pytest.raises(SystemExit) as exit:
+        options.parseOptions(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("navtwist ")
+
+
+def _params(cls: type) -> list[list[object]]:
+    from twisted.python.reflect import accumulateClassList
+
+    found: list[list[object]] = []
+    accumulateClassList(cls, "optParameters", found)
+    return found

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +13,7 @@ from twisted.web.client import Agent
 
 from navtwist.service.admin import make_admin_site
 from navtwist.ca import CAError, load_for, permitted_hosts
-from navtwist.config import Config, ConfigError, load_config, with_overrides
+from navtwist.config import Config, ConfigError
 from navtwist.inference.dispatch import InferenceDispatcher
 from navtwist.decisions import DecisionLog
 from navtwist.http.streaming import StreamingRequest
@@ -31,6 +30,7 @@ from navtwist.http.sites import InterceptSite
 from navtwist.service.interrupts import quiet_until_running
 from navtwist.service.listen import Listener
 from navtwist.service.logs import Rotation, twistd_service
+from navtwist.service.options import ConfigOptions
 from navtwist.service.startup import check_before_start
 from navtwist.service.metrics import Metrics
 from navtwist.inference.observe import MetricsListener
@@ -44,13 +44,18 @@ from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClien
 log = Logger(namespace="navtwist")
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     """Command line of C{twistd navtwist}; the config file holds the rest."""
 
+    synopsis = "[options]"
+    longdesc = (
+        "navtwist: the egress proxy of AI-agent sandboxes. It serves inference.local and the "
+        "providers' hosts itself (streamed, credentials swapped), inspects the hosts of "
+        "policy.intercept per request, tunnels policy.allow, and refuses everything else. "
+        "SIGHUP reloads the config, SIGTERM drains. See docs/config.md."
+    )
     optParameters = [
-        ["config", "c", None, "YAML config file (default: the embedded default config)."],
         ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
-        ["ca-dir", None, None, "Directory of ca.pem and ca.key, overriding the config."],
         ["watch-interval", None, 2.0, "Seconds between checks of the config file with --watch.", float],
         ["log-max-bytes", None, Rotation.max_bytes, "Rotate the JSON log file when it reaches this size.", int],
         ["log-keep", None, Rotation.keep, "Rotated JSON log files to keep (PATH.1 ... PATH.N).", int],
@@ -80,7 +85,7 @@ class Options(usage.Options):
         On a reload, C{previous} is the config in use (credentials whose
         secret cannot be read now keep their previous value).
         """
-        return with_overrides(load_config(self["config"], os.environ, previous=previous), self["listen"], self["ca-dir"])
+        return self.read_config(self["listen"], previous, require_keys=True)
 
 
 class _UpstreamPoolService(service.Service):
