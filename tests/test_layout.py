@@ -118,3 +118,12 @@ def test_architecture_doc_lists_exactly_the_modules() -> None:
     listed = set(re.findall(r"`(navtwist/[\w/]+\.py)`", table))
     files = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
     assert listed == files, f"missing from the doc: {sorted(files - listed)}; not in the tree: {sorted(listed - files)}"
+
+
+def test_every_package_is_installed() -> None:
+    """A package missing from pyproject's list imports from a checkout but not from an install."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= declared, f"not installed: {sorted(packages - declared)}"
