@@ -76,7 +76,7 @@ class BodyPipe:
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._done = done = Deferred()
+        self._done = done = Deferred[None]()
         self._flush()
         self._settle()
         return done

@@ -26,7 +26,7 @@ from treq.client import HTTPClient
 from navtwist.compat import set_pool_factory
 from navtwist.inference import errors
 from navtwist.config import Limits, Route
-from navtwist.interfaces import IProviderProfile
+from navtwist.interfaces import IProviderProfile, IRequestHook, IStreamObserver
 from navtwist.inference.mock import MockAgent
 from navtwist.inference.protocols import STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
@@ -168,8 +168,8 @@ class RouteGate:
 class Extensions:
     """What operators plugged in: request hooks, stream observers, metrics."""
 
-    hooks: Sequence[object] = ()
-    observers: Sequence[object] = ()
+    hooks: Sequence[IRequestHook] = ()
+    observers: Sequence[IStreamObserver] = ()
     metrics: MetricsSink | None = None
 
 

@@ -91,7 +91,7 @@ class InterceptResource(Resource):
 
     def __init__(
         self,
-        policy: Callable[[], Policy],
+        policy: Callable[[], Policy[InterceptEntry]],
         egress: Egress,
         origins: OriginClients,
         clock: IReactorTime,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.application import service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import FileLogObserver, ILogObserver, LogEvent, eventAsJSON, eventAsText
 from twisted.python.logfile import LogFile
 
@@ -104,7 +105,8 @@ def _rotate_on_sigusr1(log_file: LogFile) -> None:
     def rotate(signum: int, frame: object) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+        # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
+        cast(IReactorFromThreads, reactor).callFromThread(log_file.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)
 
@@ -125,7 +127,7 @@ class TwistdLogging(service.MultiService):
         self._twistd_options = twistd_options
         self.observer: JSONLinesObserver | None = None
 
-    def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
+    def setServiceParent(self, parent: Any) -> None:
         # Only an Application (a Componentized) has a log observer; under
         # another service there is nothing to set, and one already set wins.
         if hasattr(parent, "setComponent") and parent.getComponent(ILogObserver, None) is None:

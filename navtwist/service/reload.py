@@ -12,11 +12,12 @@ import signal
 from typing import Callable, Sequence
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from navtwist.config import Config, ConfigError
+from navtwist.interfaces import IServiceReactor
 
 log = Logger(namespace="navtwist.reload")
 
@@ -39,7 +40,7 @@ class ConfigReloader(service.Service):
         current: Config,
         load: Callable[[Config], Config],
         apply: Callable[[Config], None],
-        reactor: IReactorTime,
+        reactor: IServiceReactor,
         path: str | None,
         watch_interval: float | None,
         watched: Callable[[Config], Sequence[str]] = lambda config: (),

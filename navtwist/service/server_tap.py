@@ -4,10 +4,10 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from twisted.application import service, strports
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent
@@ -37,6 +37,7 @@ from navtwist.service.backlog import with_backlog
 from navtwist.service.reload import ConfigReloader
 from navtwist.inference.hooks import select
 from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClients
+from navtwist.interfaces import IProxyReactor
 
 log = Logger(namespace="navtwist")
 
@@ -78,10 +79,10 @@ class Options(usage.Options):
 class _UpstreamPoolService(service.Service):
     """Closes cached upstream connections when twistd stops."""
 
-    def __init__(self, clients: UpstreamClients) -> None:
+    def __init__(self, clients: UpstreamClients | OriginClients) -> None:
         self._clients = clients
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[None] | Deferred[list[tuple[bool, object]]]:
         super().stopService()
         return self._clients.close()
 
@@ -94,7 +95,7 @@ def extensions(config: Config, metrics: Metrics) -> Extensions:
 
 def make_service(
     config: Config,
-    reactor: IReactorTime,
+    reactor: IProxyReactor,
     reload: Callable[[Config], Config] | None = None,
     config_path: str | None = None,
     watch_interval: float | None = None,
@@ -217,7 +218,8 @@ def makeService(options: Options) -> service.MultiService:
 
     top = make_service(
         options["navtwist-config"],
-        reactor,
+        # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
+        cast(IProxyReactor, reactor),
         reload=options.load,
         config_path=options["config"],
         watch_interval=options["watch-interval"] if options["watch"] else None,
