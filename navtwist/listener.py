@@ -24,7 +24,6 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
     IProtocol,
-    IProtocolFactory,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone

@@ -43,7 +43,8 @@ class _PinnedEndpoints:
     def __init__(self, reactor: IProxyReactor, address: IPAddress, host: str, trust: object, timeout: float) -> None:
         self._reactor = reactor
         self._address = address
-        self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])
+        # Twisted names the trust root's type (IOpenSSLTrustRoot) only in its private _sslverify.
+        self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])  # type: ignore[arg-type]
         self._timeout = timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:

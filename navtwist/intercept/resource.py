@@ -10,14 +10,14 @@ flow control as every other upstream response.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -67,7 +67,7 @@ def _authority(host: str, port: int) -> str:
     return shown if port == 443 else f"{shown}:{port}"
 
 
-def _host_matches(values: list[bytes] | None, host: str, port: int) -> bool:
+def _host_matches(values: Sequence[bytes] | None, host: str, port: int) -> bool:
     """Whether the request's Host names the CONNECT target (a mismatch is domain fronting)."""
     if not values:
         return True  # HTTP/1.0 without Host: the CONNECT names the origin
@@ -112,7 +112,8 @@ class InterceptResource(Resource):
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
-        host, port = request.channel.intercepted
+        # Set by the listener on the channel of an intercepted CONNECT (HardenedChannel, a stage above).
+        host, port = request.channel.intercepted  # type: ignore[attr-defined]
         entry = self._policy().intercept_for(host, port)
         credentials = self.credentials
         peer = request.getClientAddress()
@@ -201,7 +202,7 @@ class InterceptResource(Resource):
 
     def _send(
         self, address: IPAddress, host: str, port: int, method: bytes, entry: InterceptEntry, target: bytes,
-        headers: Headers, body: object,
+        headers: Headers, body: IBodyProducer | None,
     ) -> Deferred[IResponse]:
         agent = self._origins.agent_for(host, port, address, entry.upstream_ca_certs)
         has_body = body is not None and (getattr(body, "length", 0) != 0)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Sequence
+from types import FrameType
+from typing import Any, Callable, Sequence
 
 from twisted.application import service
 from twisted.internet.interfaces import IReactorCore
@@ -54,7 +55,7 @@ class ConfigReloader(service.Service):
         self._watch_interval = watch_interval
         self._watch: LoopingCall | None = None
         self._seen = self._states()
-        self._previous_handler: object = None
+        self._previous_handler: Callable[[int, FrameType | None], Any] | int | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -65,7 +66,7 @@ class ConfigReloader(service.Service):
             self._watch.clock = self._reactor
             self._watch.start(self._watch_interval, now=False)
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> None:
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         if self._previous_handler is not None:

@@ -214,12 +214,13 @@ def make_service(
 
 
 def makeService(options: Options) -> service.MultiService:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
+    reactor = cast(IProxyReactor, installed)
     top = make_service(
         options["navtwist-config"],
-        # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
-        cast(IProxyReactor, reactor),
+        reactor,
         reload=options.load,
         config_path=options["config"],
         watch_interval=options["watch-interval"] if options["watch"] else None,

@@ -29,6 +29,7 @@ class UpstreamEndpoints:
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
