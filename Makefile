@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test check check-floor bench clean
+.PHONY: run test check typecheck check-floor bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= navtwist $(ARGS)
@@ -12,10 +12,16 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fast deterministic tier: no sockets, no subprocesses, no SDKs needed.
+# The fast deterministic tier: no sockets, no subprocesses, no SDKs needed; then mypy.
 FAST := -m "not integration" -q
 check: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
+	$(BIN)/python -m mypy navtwist
+
+# Types are checked against the newest releases only: older Twisted, treq and
+# pyOpenSSL annotate some of the same APIs differently.
+typecheck: $(VENV)/.installed-test
+	$(BIN)/python -m mypy navtwist
 
 # The same tier on the lowest release of every dependency (constraints-floor.txt),
 # in a venv of its own that has no client SDKs.
@@ -43,7 +49,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	touch $(VENV)/.installed $@
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info twisted/plugins/dropin.cache .mypy_cache
 
 # --- benchmarks (bench/; not part of `make test`) ------------------------------------
 # Two venvs: mitmproxy 11 pins pyOpenSSL<=24.3, while Twisted[tls] 26 needs pyOpenSSL>=25.3;

@@ -261,11 +261,12 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         # pyOpenSSL >= 24.3 takes cryptography objects directly and deprecates its own
-        # PKey/X509 wrappers there; Twisted only forwards these to the SSL.Context.
+        # PKey/X509 wrappers there; Twisted only forwards these to the SSL.Context
+        # (its annotations still name the wrappers).
         options = CertificateOptions(
-            privateKey=key,
-            certificate=cert,
-            extraCertChain=[self._cert],
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=cert,  # type: ignore[arg-type]
+            extraCertChain=[self._cert],  # type: ignore[list-item]
             acceptableProtocols=[b"http/1.1"],
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
@@ -465,7 +466,7 @@ def _permits(constraints: x509.NameConstraints, host: str) -> bool:
 def _contains(subtree: x509.GeneralName, name: str) -> bool:
     if isinstance(subtree, x509.IPAddress):
         # An address of the other IP version is outside the subtree.
-        return ipaddress.ip_address(name) in subtree.value
+        return ipaddress.ip_address(name) in ipaddress.ip_network(subtree.value)
     domain = subtree.value.lower()
     # A leading dot (".example.com", a variant found in imported CAs) holds only the names below it.
     return name == domain or name.endswith(domain if domain.startswith(".") else "." + domain)

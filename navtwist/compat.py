@@ -164,12 +164,12 @@ class ChunkedDecoderHooks(http._ChunkedTransferDecoder):
     @property
     def buffered(self) -> bytearray:
         """The bytes received and not yet parsed."""
-        return self._buffer  # type: ignore[no-any-return]
+        return self._buffer
 
     @property
     def trailer_lines(self) -> list[bytearray]:
         """The raw trailer lines so far (Twisted does not parse them)."""
-        return self._trailerHeaders  # type: ignore[no-any-return]
+        return self._trailerHeaders
 
 
 class ChannelHooks(http.HTTPChannel):
@@ -191,12 +191,12 @@ class ChannelHooks(http.HTTPChannel):
 
     def request_line(self) -> tuple[bytes, bytes, bytes]:
         """The method, request-target and version of the request whose head was just read."""
-        return self._command, self._path, self._version  # type: ignore[no-any-return]
+        return self._command, self._path, self._version
 
     @property
     def request_version(self) -> bytes:
         """The HTTP version of the request line being parsed."""
-        return self._version  # type: ignore[no-any-return]
+        return self._version
 
     def head_over_limits(self) -> bool:
         """Whether the head being parsed has more headers or bytes than the channel allows."""
@@ -205,7 +205,7 @@ class ChannelHooks(http.HTTPChannel):
     @property
     def buffered_lines(self) -> bytes:
         """The bytes received and not yet parsed (in line mode, a part-read head)."""
-        return self._buffer  # type: ignore[no-any-return]
+        return self._buffer
 
     def discard_buffered_lines(self) -> None:
         """Drop the bytes received and not yet parsed, so that none of them is parsed."""

@@ -21,7 +21,7 @@ from navtwist.inference import hooks
 from navtwist.listen_address import parse_listen, same_address
 from navtwist.egress.policy import Policy
 from navtwist.intercept.credentials import Credential, CredentialError, check_bound, parse_credentials
-from navtwist.intercept.rules import check_overlap, parse_intercept
+from navtwist.intercept.rules import InterceptEntry, check_overlap, parse_intercept
 from navtwist.inference.protocols import (
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
@@ -108,7 +108,7 @@ class Config:
     routes: tuple[Route, ...]
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    policy: Policy = field(default_factory=Policy)
+    policy: Policy[InterceptEntry] = field(default_factory=Policy)
     plugins: tuple[str, ...] = ()  # request hooks and stream observers to enable, by name
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight work may take to finish
     admin_listen: str | None = None  # endpoint of /healthz, /readyz, /metrics; off when absent
@@ -349,7 +349,7 @@ def _section(top: Mapping[Any, object], key: str, cls: type[_T], read: Callable[
     return cls(**{name: read(section, name, key, default) for name, default in defaults.items()})
 
 
-def _policy(top: Mapping[Any, object]) -> Policy:
+def _policy(top: Mapping[Any, object]) -> Policy[InterceptEntry]:
     """The egress allow-list; absent or empty, nothing is allowed."""
     where = "policy.allow"
     section = _optional_mapping(top, "policy", ("allow", "intercept"))
@@ -359,14 +359,14 @@ def _policy(top: Mapping[Any, object]) -> Policy:
     if not isinstance(entries, list):
         raise _type_error(where, "a list", entries)
     try:
-        policy = Policy.parse(entries, where)
+        policy: Policy[InterceptEntry] = Policy.parse(entries, where)
     except ValueError as exc:  # already names the entry, e.g. policy.allow[2]
         raise ConfigError(str(exc)) from None
     return _with_intercept(policy, section)
 
 
 def _credentials(
-    top: Mapping[Any, object], environ: Mapping[str, str], policy: Policy, previous: Config | None
+    top: Mapping[Any, object], environ: Mapping[str, str], policy: Policy[InterceptEntry], previous: Config | None
 ) -> tuple[Credential, ...]:
     """The C{credentials:} section, each bound only to intercepted (never tunnelled) hosts."""
     try:
@@ -379,7 +379,7 @@ def _credentials(
     return credentials
 
 
-def _with_intercept(policy: Policy, section: Mapping[Any, object]) -> Policy:
+def _with_intercept(policy: Policy[InterceptEntry], section: Mapping[Any, object]) -> Policy[InterceptEntry]:
     """C{policy} with the hosts navtwist intercepts, none of which it may
     also tunnel; absent or empty, nothing is intercepted."""
     where = "policy.intercept"
@@ -484,7 +484,7 @@ def _string_list(mapping: Mapping[Any, object], key: str, path: str) -> tuple[st
             raise ConfigError(f"{where}[{i}]: must not be empty")
         if item in items[:i]:
             raise ConfigError(f"{where}[{i}]: duplicate {item!r}")
-    return tuple(items)  # type: ignore[arg-type]
+    return tuple(items)
 
 
 def _status_list(mapping: Mapping[Any, object], key: str, path: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -501,7 +501,7 @@ def _status_list(mapping: Mapping[Any, object], key: str, path: str, default: tu
     return tuple(value)
 
 
-def _number(mapping: Mapping[Any, object], key: str, path: str, default: float) -> float:
+def _number(mapping: Mapping[Any, object], key: str, path: str, default: _T) -> float | _T:
     """A positive, finite number of seconds; ints are accepted, bools are not."""
     where = _join(path, key)
     value = mapping.get(key)
@@ -514,7 +514,7 @@ def _number(mapping: Mapping[Any, object], key: str, path: str, default: float) 
     return float(value)
 
 
-def _integer(mapping: Mapping[Any, object], key: str, path: str, default: int) -> int:
+def _integer(mapping: Mapping[Any, object], key: str, path: str, default: _T) -> int | _T:
     where = _join(path, key)
     value = mapping.get(key)
     if value is None:

@@ -1,7 +1,52 @@
-"""The zope.interface contracts navtwist is extended through."""
+"""The zope.interface contracts navtwist is extended through, and the reactor types it is given."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IPushProducer,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
+
+from navtwist.outcome import Refusal
+
+
+# Static types only: every Twisted reactor provides these, but nothing declares
+# the combinations, so never ask them providedBy.
+class IServiceReactor(IReactorCore, IReactorTime, IReactorFromThreads):
+    """The reactor as the twistd services use it: run, stop, time, signals handed over from a handler."""
+
+
+class IProxyReactor(IServiceReactor, IReactorTCP, IReactorPluggableNameResolver):
+    """The reactor the whole proxy is given: the services' and what dialing (TCP, name resolution) needs."""
+
+
+class IStreamTransport(ITLSTransport, IPushProducer, IConsumer):
+    """A TCP connection's transport as the proxy drives it: TLS, half-close, abort, flow control both ways."""
+
+    disconnecting: bool  # loseConnection() was called; the connection is going away
+    protocol: IProtocol  # what the bytes go to (after startTLS, the TLS layer)
+
+
+@dataclass(eq=False)  # compared and hashed by identity: observers may key state on it
+class InferenceRequest:
+    """What request hooks see and may change, and what observers are told about."""
+
+    protocol: str
+    route: str
+    client_model: str | None
+    document: Any  # the parsed JSON body (mutable); None without a body
+    headers: Headers = field(default_factory=Headers)  # extra headers for the upstream
 
 
 class IProviderProfile(Interface):
@@ -34,8 +79,8 @@ class IRequestHook(Interface):
 
     name = Attribute("The name that enables this hook in C{plugins:} (str).")
 
-    def before_upstream(request: object) -> object:
-        """Inspect or change C{request}, a L{navtwist.inference.hooks.InferenceRequest}
+    def before_upstream(request: InferenceRequest) -> Refusal | None:
+        """Inspect or change C{request}, a L{InferenceRequest}
         (protocol, route, client_model, mutable JSON C{document}, mutable
         extra upstream C{headers}).  Return None to go on, or a
         L{navtwist.outcome.Refusal} (status, code, message) to answer the
@@ -54,11 +99,11 @@ class IStreamObserver(Interface):
 
     name = Attribute("The name that enables this observer in C{plugins:} (str).")
 
-    def response_started(info: object) -> None:
-        """The response head went out; C{info} is the request's L{navtwist.inference.hooks.InferenceRequest}."""
+    def response_started(info: InferenceRequest) -> None:
+        """The response head went out; C{info} is the request's L{InferenceRequest}."""
 
-    def chunk(info: object, data: bytes) -> None:
+    def chunk(info: InferenceRequest, data: bytes) -> None:
         """C{data} was just written to the client (read-only)."""
 
-    def response_ended(info: object, record: object) -> None:
+    def response_ended(info: InferenceRequest, record: Mapping[str, Any]) -> None:
         """The exchange is over; C{record} is its usage record (a mapping)."""

@@ -69,7 +69,8 @@ def parse_listen(description: str) -> ListenAddress | None:
     failures: list[Failure] = []
     listening.addErrback(failures.append)
     if failures:
-        raise ValueError(explain_endpoint(description, failures[0].value))
+        error = failures[0].value
+        raise ValueError(explain_endpoint(description, error if error is not None else RuntimeError("failed")))
     if reactor.tcpServers or reactor.sslServers:
         port, interface = _port_and_interface(reactor)
         if not 0 <= port <= 65535:

@@ -20,11 +20,11 @@ import typing
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     IProtocol,
-    IProtocolFactory,
     IReactorTime,
     ITransport,
 )
@@ -39,8 +39,9 @@ from navtwist.config import Limits, Timeouts
 from navtwist.egress.dial import Egress
 from navtwist.outcome import Refusal
 from navtwist.http.head import BadHead, ProxyHead, parse_authority, parse_head
-from navtwist.http.channel import raw_json_response
-from navtwist.egress.tunnel import Splice, TunnelUpstreamFactory
+from navtwist.http.channel import HardenedSite, raw_json_response
+from navtwist.egress.tunnel import Splice, TunnelUpstream, TunnelUpstreamFactory
+from navtwist.interfaces import IStreamTransport
 from navtwist.upstream.flow import bound_socket_buffers
 
 log = Logger(namespace="navtwist.proxy")
@@ -91,6 +92,8 @@ class ProxyProtocol(Protocol):
     (L{Mode.TUNNEL}).  The inner channel, the splice and the pending dial
     exist only in their mode.
     """
+
+    transport: IStreamTransport
 
     def __init__(self, factory: ProxyFactory) -> None:
         self._factory = factory
@@ -194,7 +197,7 @@ class ProxyProtocol(Protocol):
         else:
             self._intercept(host, port, factory.intercept_site, rest)
 
-    def _intercept(self, host: str, port: int, site: IProtocolFactory, rest: bytes) -> None:
+    def _intercept(self, host: str, port: int, site: HardenedSite, rest: bytes) -> None:
         """Answer the CONNECT ourselves and serve HTTP/1.1 inside our own TLS.
 
         The TLS options are made before the client hears C{200}: a CA that
@@ -248,9 +251,9 @@ class ProxyProtocol(Protocol):
         self._tunnel_started = factory.clock.seconds()
         self._dialing = dialing = factory.egress.destination(host, port, label)
         dialing.addCallback(factory.egress.connect, port, TunnelUpstreamFactory(splice))
-        dialing.addCallbacks(self._tunnel_open, self._tunnel_refused, (splice, rest), None, (label,))
+        dialing.addCallbacks(self._tunnel_open, self._tunnel_refused, callbackArgs=(splice, rest), errbackArgs=(label,))
 
-    def _tunnel_open(self, upstream: IProtocol, splice: Splice, rest: bytes) -> None:
+    def _tunnel_open(self, upstream: TunnelUpstream, splice: Splice, rest: bytes) -> None:
         self._enter(Mode.TUNNEL)
         self._count_tunnel("allowed")
         if self._decision is not None:
@@ -263,7 +266,7 @@ class ProxyProtocol(Protocol):
         splice.start(upstream.transport, rest)
         self.transport.resumeProducing()
 
-    def upgrade(self, upstream: ITransport, answer: bytes, decision: DecisionRecord) -> Splice:
+    def upgrade(self, upstream: IStreamTransport, answer: bytes, decision: DecisionRecord) -> Splice:
         """Hand this connection from its HTTP channel to a splice with C{upstream}
         (an intercepted request the origin upgraded); C{answer} is the origin's
         101 head and whatever followed it."""
@@ -285,7 +288,7 @@ class ProxyProtocol(Protocol):
         self._splice = None
         if failure.check(CancelledError):
             return  # the client left while we were dialling
-        refusal = failure.value if failure.check(Refusal) else Refusal(
+        refusal = failure.value if isinstance(failure.value, Refusal) else Refusal(
             502, "upstream_unreachable", "cannot connect to the destination")
         if not failure.check(Refusal):
             log.failure("tunnel setup failed for {label}", failure, label=label)
@@ -378,15 +381,15 @@ class ProxyFactory(Factory):
     def __init__(
         self,
         ca: CertificateAuthority,
-        site: IProtocolFactory,
-        forward_site: IProtocolFactory,
+        site: HardenedSite,
+        forward_site: HardenedSite,
         egress: Egress,
         limits: Limits,
         timeouts: Timeouts,
         clock: IReactorTime,
         metrics: TunnelMetrics | None = None,
         *,
-        intercept_site: IProtocolFactory,
+        intercept_site: HardenedSite,
         decisions: DecisionLog | None = None,
     ) -> None:
         self.ca = ca
@@ -403,5 +406,5 @@ class ProxyFactory(Factory):
         self.draining = False
         self.protocols: set[ProxyProtocol] = set()  # open client connections, for draining
 
-    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         return ProxyProtocol(self)

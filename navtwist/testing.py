@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IProtocol, IPushProducer, IResolutionReceiver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -24,6 +25,7 @@ from zope.interface import implementer
 
 from navtwist.config import Limits, Timeouts, parse_config
 from navtwist.inference.dispatch import InferenceDispatcher
+from navtwist.http.channel import HardenedChannel
 from navtwist.http.sites import InterceptSite
 from navtwist.inference.router import Extensions, InferenceRouter, make_client
 
@@ -82,7 +84,8 @@ class FakeAgent:
     def __init__(self) -> None:
         self.calls: list[UpstreamCall] = []
 
-    def request(self, method, uri, headers=None, bodyProducer: IBodyProducer | None = None):  # type: ignore[no-untyped-def]
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
         body = None
         if bodyProducer is not None:
             sink = _Collect()
@@ -127,22 +130,25 @@ class FakeResponse:
     request = None
     previousResponse = None
 
-    def __init__(self, code: int = 200, headers: dict[bytes, list[bytes]] | None = None, length=UNKNOWN_LENGTH):  # type: ignore[no-untyped-def]
+    def __init__(self, code: int = 200, headers: dict[bytes, list[bytes]] | None = None,
+                 length: int | str = UNKNOWN_LENGTH) -> None:
         self.code = code
         self.phrase = b"OK" if code == 200 else b"Error"
         self.headers = Headers(headers or {b"content-type": [b"text/event-stream"]})
         self.length = length
-        self.protocol = None
+        self.protocol: IProtocol | None = None
         self.transport = FakeBodyTransport(self)
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
 
-    def deliverBody(self, protocol) -> None:  # type: ignore[no-untyped-def]
+    def deliverBody(self, protocol: IProtocol) -> None:
         self.protocol = protocol
-        protocol.makeConnection(self.transport)
+        # A body's transport is only an IPushProducer (IResponse.deliverBody), not an ITransport.
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
 
     def send(self, data: bytes) -> None:
+        assert self.protocol is not None, "send() before deliverBody()"
         self.protocol.dataReceived(data)
 
     def end(self, reason: Failure | None = None) -> None:
@@ -158,16 +164,19 @@ class FakeResolver:
         self.table = table
         self.asked: list[tuple[str, int]] = []
 
-    def resolveHostName(self, receiver, name, portNumber=0, addressTypes=None, transportSemantics="TCP"):  # type: ignore[no-untyped-def]
+    def resolveHostName(self, receiver: IResolutionReceiver, name: str, portNumber: int = 0,
+                        addressTypes: Sequence[type[IAddress]] | None = None,
+                        transportSemantics: str = "TCP") -> IResolutionReceiver:
         self.asked.append((name, portNumber))
         answers = self.table.get(name, [])
         if answers is None:
-            return
-        receiver.resolutionBegan(object())
+            return receiver
+        receiver.resolutionBegan(object())  # type: ignore[arg-type]  # nobody reads the resolution
         for answer in answers:
             kind = IPv6Address if ":" in answer else IPv4Address
             receiver.addressResolved(kind("TCP", answer, portNumber))
         receiver.resolutionComplete()
+        return receiver
 
 
 @dataclass
@@ -176,7 +185,7 @@ class Harness:
 
     clock: MemoryReactorClock
     agent: FakeAgent
-    channel: object
+    channel: HardenedChannel
     transport: RecordingTransport
     router: InferenceRouter
 

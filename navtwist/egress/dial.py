@@ -8,11 +8,14 @@ answer can never move the connection somewhere else (no rebinding window).
 from __future__ import annotations
 
 import ipaddress
+from typing import NoReturn
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TCPTimedOutError, TimeoutError
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHostnameResolver,
     IProtocol,
@@ -26,6 +29,7 @@ from zope.interface import implementer
 
 from navtwist.outcome import Refusal
 from navtwist.egress.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
+from navtwist.intercept.rules import InterceptEntry
 
 
 @implementer(IResolutionReceiver)
@@ -39,7 +43,8 @@ class _Addresses:
     def resolutionBegan(self, resolution: object) -> None:
         pass
 
-    def addressResolved(self, address) -> None:  # type: ignore[no-untyped-def]
+    def addressResolved(self, address: IAddress) -> None:
+        assert isinstance(address, (IPv4Address, IPv6Address)), address  # asked for TCP addresses
         self.addresses.append(ipaddress.ip_address(address.host.split("%", 1)[0]))
 
     def resolutionComplete(self) -> None:
@@ -55,7 +60,7 @@ class Egress:
         reactor: IReactorTCP,
         clock: IReactorTime,
         resolver: IHostnameResolver,
-        policy: Policy,
+        policy: Policy[InterceptEntry],
         connect_timeout: float,
     ) -> None:
         self._reactor = reactor
@@ -112,7 +117,7 @@ class Egress:
         return endpoint.connect(factory).addErrback(_dial_failed)
 
 
-def _dial_failed(failure: Failure) -> None:
+def _dial_failed(failure: Failure) -> NoReturn:
     if failure.check(TimeoutError, TCPTimedOutError):
         raise Refusal(504, "upstream_timeout", "connecting to the destination timed out")
     failure.trap(ConnectError)

@@ -51,7 +51,7 @@ def forwarded_headers(client: Headers, authority: bytes, also_dropped: frozenset
 
 def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     """What the client of a forwarded request is told when the destination did not answer."""
-    if failure.check(Refusal):
+    if isinstance(failure.value, Refusal):
         return failure.value  # the egress stage's own words
     cause = classify(failure, timed_out)
     if cause is Cause.TIMEOUT:
@@ -176,6 +176,7 @@ class ForwardResource(Resource):
         label = f"http://{target.hostname}:{port}"
 
         def send() -> Deferred[IResponse]:
+            assert target.hostname is not None  # render() refused a URI without one
             destination = self._egress.destination(target.hostname, port, label, intercepted)
             return destination.addCallback(self._send, request, target, port)
 
@@ -184,6 +185,7 @@ class ForwardResource(Resource):
     def _send(self, address: IPAddress, request: Request, target: SplitResult, port: int) -> Deferred[IResponse]:
         host = f"[{address}]" if address.version == 6 else str(address)
         url = f"http://{host}:{port}{target.path or '/'}" + (f"?{target.query}" if target.query else "")
+        assert request.content is not None  # twisted.web sets it before rendering
         request.content.seek(0)
         body = request.content.read()
         return self._agent.request(

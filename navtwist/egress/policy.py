@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence, TypeVar
+from typing import Generic, Protocol, Sequence, TypeVar
 
 # A dependency of hyperlink, which Twisted requires.  Unlike the stdlib
 # "idna" codec (IDNA 2003) it implements IDNA 2008 with UTS 46 mapping, as
@@ -134,25 +134,34 @@ class AllowRule:
 
 class InterceptTarget(Protocol):
     """What the egress policy needs of a C{policy.intercept} entry
-    (L{navtwist.intercept.rules.InterceptEntry} holds the rest)."""
+    (L{navtwist.intercept.rules.InterceptEntry} holds the rest).  Read-only:
+    the entries are frozen."""
 
-    host: str
-    wildcard: bool
-    ip: IPAddress | None
-    port: int
+    @property
+    def host(self) -> str: ...
+    @property
+    def wildcard(self) -> bool: ...
+    @property
+    def ip(self) -> IPAddress | None: ...
+    @property
+    def port(self) -> int: ...
 
     def matches(self, host: str, port: int) -> bool: ...
 
 
+# The entries' type: config fills them with L{navtwist.intercept.rules.InterceptEntry}.
+_Entry = TypeVar("_Entry", bound=InterceptTarget, covariant=True)
+
+
 @dataclass(frozen=True)
-class Policy:
+class Policy(Generic[_Entry]):
     """The allow-list and the intercepted hosts; the empty policy allows nothing."""
 
     rules: tuple[AllowRule, ...] = ()
-    intercept: tuple[InterceptTarget, ...] = ()
+    intercept: tuple[_Entry, ...] = ()
 
     @classmethod
-    def parse(cls, entries: Sequence[object], path: str = "policy.allow") -> Policy:
+    def parse(cls, entries: Sequence[object], path: str = "policy.allow") -> Policy[_Entry]:
         """Parse C{"host:port"} entries (port C{"*"}: any port).
 
         @raise ValueError: naming the entry, e.g. C{"policy.allow[2]: ..."}.
@@ -188,7 +197,7 @@ class Policy:
         # Only IP-literal entries can match a host that is an address.
         return self.allows(ip.compressed, port)
 
-    def intercept_for(self, host: str, port: int) -> InterceptTarget | None:
+    def intercept_for(self, host: str, port: int) -> _Entry | None:
         """The C{policy.intercept} entry whose rules govern C{host}, as the
         client wrote it, on C{port}, or None.  Config validation keeps the
         intercepted and the allowed hosts apart; ask this before L{allows}."""

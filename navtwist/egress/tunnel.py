@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from navtwist.interfaces import IStreamTransport
 from navtwist.upstream.flow import StallWatch
 
 
@@ -29,7 +30,7 @@ class _Pacer:
     seconds while the reader was paused for it.
     """
 
-    def __init__(self, reader: ITransport, writer: ITransport, clock: IReactorTime, timeout: float,
+    def __init__(self, reader: IStreamTransport, writer: IStreamTransport, clock: IReactorTime, timeout: float,
                  stalled: Callable[[], None]) -> None:
         self._reader = reader
         self._watch = StallWatch(clock, timeout, writer, stalled)
@@ -53,9 +54,9 @@ class _Pacer:
 class Splice:
     """The two transports of one tunnel and the rules that join them."""
 
-    def __init__(self, client: ITransport, clock: IReactorTime, write_stall_timeout: float) -> None:
+    def __init__(self, client: IStreamTransport, clock: IReactorTime, write_stall_timeout: float) -> None:
         self.client = client
-        self.upstream: ITransport | None = None
+        self.upstream: IStreamTransport | None = None
         self._clock = clock
         self._write_stall_timeout = write_stall_timeout
         self._watches: list[_Pacer] = []
@@ -65,7 +66,7 @@ class Splice:
         self.bytes_up = 0
         self.bytes_down = 0
 
-    def start(self, upstream: ITransport, early_data: bytes = b"") -> None:
+    def start(self, upstream: IStreamTransport, early_data: bytes = b"") -> None:
         """Join C{upstream} to the client; C{early_data} came from the client already."""
         self.upstream = upstream
         for writer, reader in ((self.client, upstream), (upstream, self.client)):
@@ -77,6 +78,7 @@ class Splice:
 
     def from_client(self, data: bytes) -> None:
         self.bytes_up += len(data)
+        assert self.upstream is not None, "the client spoke before the tunnel opened"
         self.upstream.write(data)
 
     def from_upstream(self, data: bytes) -> None:
@@ -86,6 +88,7 @@ class Splice:
     def client_eof(self) -> None:
         """The client will send no more: pass the FIN on."""
         self._client_eof = True
+        assert self.upstream is not None, "the client closed before the tunnel opened"
         self.upstream.loseWriteConnection()
         self._close_if_done()
 
@@ -123,6 +126,8 @@ class Splice:
 class TunnelUpstream(Protocol):
     """The destination's side of a tunnel: what it sends goes to the client."""
 
+    transport: IStreamTransport
+
     def __init__(self, splice: Splice) -> None:
         self._splice = splice
 
@@ -147,5 +152,5 @@ class TunnelUpstreamFactory(Factory):
     def __init__(self, splice: Splice) -> None:
         self._splice = splice
 
-    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+    def buildProtocol(self, addr: IAddress | None) -> TunnelUpstream:
         return TunnelUpstream(self._splice)

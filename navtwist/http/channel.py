@@ -18,8 +18,10 @@ refusal a complete JSON response followed by a close:
 from __future__ import annotations
 
 import json
+from typing import Callable, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.resource import IResource
@@ -27,6 +29,9 @@ from twisted.web.server import Request, Site
 
 from navtwist.compat import ChannelHooks, ChunkedDecoderHooks, MalformedChunkedDataError
 from navtwist.config import Limits, Timeouts
+from navtwist.decisions import DecisionRecord
+from navtwist.egress.tunnel import Splice
+from navtwist.interfaces import IStreamTransport
 from navtwist.http.head import BadHead, check_framing_header, check_not_folded, parse_header_line
 from navtwist.outcome import Refusal
 
@@ -83,6 +88,8 @@ class CappedRequest(Request):
     read (and before C{100 Continue}); a chunked body as soon as it crosses it.
     """
 
+    channel: HardenedChannel
+
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
@@ -114,6 +121,11 @@ class HardenedChannel(ChannelHooks):
     """
 
     site: HardenedSite
+    transport: IStreamTransport
+    intercepted: tuple[str, int]  # inside an intercepted CONNECT: its authority, set by the listener
+    # Inside an intercepted CONNECT: hands the connection to a splice (a WebSocket
+    # upgrade the origin accepted); set by the listener.
+    upgrade: Callable[[IStreamTransport, bytes, DecisionRecord], Splice]
     headReadTimeout: float = Timeouts.head_read
     refused = False
     _head_call: IDelayedCall | None = None
@@ -205,7 +217,7 @@ class HardenedChannel(ChannelHooks):
         else:
             super().timeoutConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_head_deadline()
         super().connectionLost(reason)
 
@@ -230,7 +242,8 @@ class HardenedSite(Site):
     Its reactor schedules every timeout (keep-alive idle, head deadline).
     """
 
-    protocol = HardenedChannel
+    # The bare channel, not Twisted's HTTP/2-negotiating wrapper its annotation names: HTTP/1.1 only.
+    protocol = HardenedChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -254,8 +267,9 @@ class HardenedSite(Site):
         self.limits = limits
         self.timeouts = timeouts
 
-    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
-        channel = super().buildProtocol(addr)
+    # Twisted's annotation names its HTTP/2-negotiating wrapper; this site builds the bare channel.
+    def buildProtocol(self, addr: IAddress | None) -> HardenedChannel:  # type: ignore[override]
+        channel = cast(HardenedChannel, super().buildProtocol(addr))
         channel.maxHeaders = self.limits.max_headers
         # MAX_LENGTH bounds a line still without its CRLF; totalHeadersSize the whole head.
         channel.totalHeadersSize = channel.MAX_LENGTH = self.limits.max_head_bytes

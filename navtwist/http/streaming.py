@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from collections import deque
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
@@ -38,7 +39,7 @@ class BodyPipe:
     they are called when the consumer (the upstream connection) is full.
     """
 
-    def __init__(self, length: int | None, pause_source: object, resume_source: object) -> None:
+    def __init__(self, length: int | None, pause_source: Callable[[], None], resume_source: Callable[[], None]) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
         self._pause_source = pause_source
         self._resume_source = resume_source
@@ -60,7 +61,7 @@ class BodyPipe:
         self.received += len(data)
         if self._consumer is None or self._paused or self._waiting:
             self._waiting.append(data)
-            self._pause_source()  # type: ignore[operator]
+            self._pause_source()
             return
         self._consumer.write(data)
 
@@ -76,20 +77,20 @@ class BodyPipe:
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._consumer = consumer
-        self._done = done = Deferred()
+        self._done = done = Deferred[None]()
         # What arrived before the upstream connected paused the client: send it, read the client again.
         self.resumeProducing()
         return done
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._pause_source()  # type: ignore[operator]
+        self._pause_source()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._flush()
         if not self._paused and not self._complete:
-            self._resume_source()  # type: ignore[operator]
+            self._resume_source()
         self._settle()  # the body may have ended while its last bytes waited
 
     def stopProducing(self) -> None:

@@ -47,6 +47,7 @@ class InferenceDispatcher(Resource):
         return NOT_DONE_YET
 
     def _route(self, request: Request, protocol: str) -> None:
+        assert request.content is not None  # twisted.web sets it before rendering
         request.content.seek(0)
         body = request.content.read() or None
         try:

@@ -10,29 +10,16 @@ response, and the process never dies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Iterable, Mapping, Sequence
 
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
-from twisted.web.http_headers import Headers
 
-from navtwist.interfaces import IRequestHook, IStreamObserver
+from navtwist.interfaces import InferenceRequest, IRequestHook, IStreamObserver
 from navtwist.outcome import Refusal
 
 log = Logger(namespace="navtwist.hooks")
-
-
-@dataclass(eq=False)  # compared and hashed by identity: observers may key state on it
-class InferenceRequest:
-    """What request hooks see and may change, and what observers are told about."""
-
-    protocol: str
-    route: str
-    client_model: str | None
-    document: Any  # the parsed JSON body (mutable); None without a body
-    headers: Headers = field(default_factory=Headers)  # extra headers for the upstream
 
 
 # A hook that raises refuses its request with this.
@@ -40,18 +27,19 @@ HOOK_FAILED = Refusal(500, "request_refused", "a request hook of the proxy faile
 
 
 @cache
-def available() -> dict[str, object]:
+def available() -> dict[str, IRequestHook | IStreamObserver]:
     """Every hook and observer plugin installed, by name."""
     import navtwist.plugins
 
-    found: dict[str, object] = {}
-    for interface in (IRequestHook, IStreamObserver):
+    found: dict[str, IRequestHook | IStreamObserver] = {}
+    kinds: tuple[type[IRequestHook | IStreamObserver], ...] = (IRequestHook, IStreamObserver)
+    for interface in kinds:
         for plugin in getPlugins(interface, navtwist.plugins):
             found[plugin.name] = plugin
     return found
 
 
-def select(names: Iterable[str]) -> tuple[list[object], list[object]]:
+def select(names: Iterable[str]) -> tuple[list[IRequestHook], list[IStreamObserver]]:
     """The enabled (hooks, observers), in config order.
 
     @raise KeyError: naming the first unknown plugin.
@@ -63,7 +51,7 @@ def select(names: Iterable[str]) -> tuple[list[object], list[object]]:
     )
 
 
-def run_request_hooks(hooks: Sequence[object], request: InferenceRequest) -> Refusal | None:
+def run_request_hooks(hooks: Sequence[IRequestHook], request: InferenceRequest) -> Refusal | None:
     """Run C{hooks} in order; the first refusal (or failure) stops the request."""
     for hook in hooks:
         try:
@@ -81,7 +69,7 @@ def run_request_hooks(hooks: Sequence[object], request: InferenceRequest) -> Ref
 class ObserverFanout:
     """The stream observers of one response, each isolated from the others."""
 
-    def __init__(self, observers: Sequence[object], info: InferenceRequest) -> None:
+    def __init__(self, observers: Sequence[IStreamObserver], info: InferenceRequest) -> None:
         self._observers = list(observers)
         self._info = info
 

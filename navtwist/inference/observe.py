@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from navtwist.upstream.failures import classify
 from navtwist.inference.hooks import InferenceRequest, ObserverFanout
 from navtwist.inference.usage import UsageMeter
+from navtwist.interfaces import IStreamObserver
 
 
 class MetricsSink(Protocol):
@@ -49,7 +50,7 @@ class Observation:
         info: InferenceRequest,
         streaming: bool,
         clock: Callable[[], float],
-        observers: Sequence[object],
+        observers: Sequence[IStreamObserver],
         metrics: MetricsSink | None,
     ) -> None:
         self._meter = UsageMeter(info.protocol, streaming, clock)

@@ -26,7 +26,7 @@ from treq.client import HTTPClient
 from navtwist.compat import set_pool_factory
 from navtwist.inference import errors
 from navtwist.config import Limits, Route
-from navtwist.interfaces import IProviderProfile
+from navtwist.interfaces import IProviderProfile, IProxyReactor, IRequestHook, IStreamObserver
 from navtwist.inference.mock import MockAgent
 from navtwist.inference.protocols import STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
@@ -105,7 +105,8 @@ def make_client(agent: IAgent, decode: DecodeLimits = DecodeLimits()) -> HTTPCli
     """
     return HTTPClient(
         DecodingAgent(agent, decode),
-        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        # treq >= 25 annotates its IndexableCookieJar (absent before 25); a plain jar is all it uses here.
+        cookiejar=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # type: ignore[arg-type]
         data_to_body_producer=BytesProducer,
     )
 
@@ -117,7 +118,7 @@ class UpstreamClients:
     (C{limits}); inference bodies are decoded within C{limits}' caps.
     """
 
-    def __init__(self, reactor: IReactorTime, limits: Limits = Limits()) -> None:
+    def __init__(self, reactor: IProxyReactor, limits: Limits = Limits()) -> None:
         self._reactor = reactor
         self._decode = DecodeLimits(limits.max_decoded_bytes, limits.max_decompression_ratio)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -168,8 +169,8 @@ class RouteGate:
 class Extensions:
     """What operators plugged in: request hooks, stream observers, metrics."""
 
-    hooks: Sequence[object] = ()
-    observers: Sequence[object] = ()
+    hooks: Sequence[IRequestHook] = ()
+    observers: Sequence[IStreamObserver] = ()
     metrics: MetricsSink | None = None
 
 

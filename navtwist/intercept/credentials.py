@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from navtwist.egress.policy import Policy, normalize_host
+from navtwist.egress.policy import InterceptTarget, Policy, normalize_host
 
 SEED_NAME = "placeholder.key"
 SEED_BYTES = 32
@@ -289,7 +289,7 @@ def check_bound(
 
     @raise CredentialError: naming the first binding that no entry covers.
     """
-    intercepted = Policy.parse([f"{_bracketed(host)}:{port}" for host, port in intercept_endpoints])
+    intercepted: Policy[InterceptTarget] = Policy.parse([f"{_bracketed(host)}:{port}" for host, port in intercept_endpoints])
     for credential in credentials:
         for i, binding in enumerate(credential.hosts):
             if not intercepted.allows(binding.host, binding.port):

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from navtwist.compat import set_pool_factory
 from navtwist.config import Limits
 from navtwist.egress.policy import IPAddress
+from navtwist.interfaces import IProxyReactor
 from navtwist.upstream.connection import HeadLimits, client_factory
 
 # Distinct (host, port, address, trust) keys kept with an open pool; the least
@@ -39,10 +40,11 @@ def load_trust(upstream_ca: tuple[bytes, ...]) -> object:
 class _PinnedEndpoints:
     """Every URI goes to one checked address, with TLS for the URI's host name."""
 
-    def __init__(self, reactor: object, address: IPAddress, host: str, trust: object, timeout: float) -> None:
+    def __init__(self, reactor: IProxyReactor, address: IPAddress, host: str, trust: object, timeout: float) -> None:
         self._reactor = reactor
         self._address = address
-        self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])
+        # Twisted names the trust root's type (IOpenSSLTrustRoot) only in its private _sslverify.
+        self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])  # type: ignore[arg-type]
         self._timeout = timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -57,7 +59,7 @@ class OriginClients:
     changes an entry's C{upstream_ca} reaches new connections by itself.
     """
 
-    def __init__(self, reactor: object, connect_timeout: float, limits: Limits, idle_per_origin: int = 4) -> None:
+    def __init__(self, reactor: IProxyReactor, connect_timeout: float, limits: Limits, idle_per_origin: int = 4) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._idle = idle_per_origin
@@ -94,7 +96,7 @@ class OriginClients:
         endpoints = _PinnedEndpoints(self._reactor, address, host, load_trust(upstream_ca), self._timeout)
         return endpoints.endpointForURI(URI.fromBytes(b"https://%s:%d/" % (host.encode("ascii"), port))).connect(factory)
 
-    def close(self) -> Deferred[object]:
+    def close(self) -> Deferred[list[tuple[bool, object]]]:
         pools = [pool for _, pool in self._agents.values()]
         self._agents.clear()
         return DeferredList([pool.closeCachedConnections() for pool in pools])

@@ -10,14 +10,14 @@ flow control as every other upstream response.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -57,7 +57,7 @@ def _authority(host: str, port: int) -> str:
     return shown if port == 443 else f"{shown}:{port}"
 
 
-def _host_matches(values: list[bytes] | None, host: str, port: int) -> bool:
+def _host_matches(values: Sequence[bytes] | None, host: str, port: int) -> bool:
     """Whether the request's Host names the CONNECT target (a mismatch is domain fronting)."""
     if not values:
         return True  # HTTP/1.0 without Host: the CONNECT names the origin
@@ -81,7 +81,7 @@ class InterceptResource(Resource):
 
     def __init__(
         self,
-        policy: Callable[[], Policy],
+        policy: Callable[[], Policy[InterceptEntry]],
         egress: Egress,
         origins: OriginClients,
         clock: IReactorTime,
@@ -104,7 +104,8 @@ class InterceptResource(Resource):
 
     def render(self, request: Request) -> int:
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
-        host, port = request.channel.intercepted
+        # Set by the listener on the channel of an intercepted CONNECT (HardenedChannel, a stage above).
+        host, port = request.channel.intercepted  # type: ignore[attr-defined]
         target = request.uri
         credentials = self.credentials
         started = self._clock.seconds()
@@ -149,7 +150,7 @@ class InterceptResource(Resource):
             host, port, address, entry.upstream_ca_certs, UpgradeClientFactory(client)))
         dialing.addCallback(lambda _: client.answered)
 
-        gone = []  # set when the client leaves (or the upgrade takes its connection)
+        gone: list[Failure] = []  # set when the client leaves (or the upgrade takes its connection)
 
         def upgraded(answer: tuple[UpgradeClient, bytes]) -> None:
             origin, head = answer
@@ -157,7 +158,7 @@ class InterceptResource(Resource):
                 origin.transport.loseConnection()
                 return
             record.status = 101
-            origin.spliced(request.channel.upgrade(origin.transport, head, record))
+            origin.spliced(request.channel.upgrade(origin.transport, head, record))  # type: ignore[attr-defined]
 
         def refused(failure: Failure) -> None:
             refusal = failure_refusal(failure, False)
@@ -253,7 +254,7 @@ class InterceptResource(Resource):
 
     def _send(
         self, address: IPAddress, host: str, port: int, method: bytes, entry: InterceptEntry, target: bytes,
-        headers: Headers, body: object,
+        headers: Headers, body: IBodyProducer | None,
     ) -> Deferred[IResponse]:
         agent = self._origins.agent_for(host, port, address, entry.upstream_ca_certs)
         has_body = body is not None and (getattr(body, "length", 0) != 0)

@@ -18,6 +18,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from navtwist.egress.tunnel import Splice
+from navtwist.interfaces import IStreamTransport
 from navtwist.outcome import Refusal
 
 # Hop-by-hop headers an upgrade keeps: they are the upgrade.
@@ -36,6 +37,7 @@ def upgrade_head(method: bytes, target: bytes, headers: Headers, client: Headers
 
 @implementer(IHalfCloseableProtocol)
 class UpgradeClient(Protocol):
+    transport: IStreamTransport
     """The origin's side of an upgrade: sends the head, reads the answer's head, then splices.
 
     C{answered} fires with (this protocol, the 101 head and any bytes after

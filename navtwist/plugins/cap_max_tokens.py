@@ -11,8 +11,7 @@ import os
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from navtwist.inference.hooks import InferenceRequest
-from navtwist.interfaces import IRequestHook
+from navtwist.interfaces import InferenceRequest, IRequestHook
 from navtwist.outcome import Refusal
 
 # Each API names the output limit differently.

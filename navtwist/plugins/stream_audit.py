@@ -12,8 +12,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from navtwist.inference.hooks import InferenceRequest
-from navtwist.interfaces import IStreamObserver
+from navtwist.interfaces import InferenceRequest, IStreamObserver
 
 log = Logger(namespace="navtwist.audit")
 

@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web import http
 from twisted.web.server import Request, Site
 
 from navtwist.service.metrics import Metrics
@@ -43,7 +44,7 @@ class _AdminSite(Site):
     noisy = False
     displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

@@ -7,6 +7,7 @@ user must fix are one line on stderr and exit code 2, like usage errors.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.python import usage
 
@@ -30,7 +31,7 @@ class EnvOptions(ConfigOptions):
     synopsis = "navtwist env [options]"
     longdesc = ("Print the proxy, CA and credential-placeholder variables for a sandbox, creating the CA "
                 "if missing and writing <ca_dir>/bundle.pem (the system's CAs plus navtwist's).")
-    optParameters = [
+    optParameters: list[list[Any]] = [
         ["proxy-url", None, None, "How the sandbox reaches the proxy (default: derived from the config's listen)."],
         ["format", None, "sh", f"Output format: {', '.join(FORMATS)}.", _format],
     ]

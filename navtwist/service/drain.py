@@ -11,10 +11,10 @@ import signal
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from navtwist.interfaces import IServiceReactor
 from navtwist.listener import ProxyFactory
 
 log = Logger(namespace="navtwist.drain")
@@ -25,7 +25,7 @@ POLL_INTERVAL = 0.1
 class DrainService(service.Service):
     """Delays the end of twistd's shutdown until the proxy has drained."""
 
-    def __init__(self, factory: ProxyFactory, clock: IReactorTime, timeout: float, handle_sigterm: bool = False) -> None:
+    def __init__(self, factory: ProxyFactory, clock: IServiceReactor, timeout: float, handle_sigterm: bool = False) -> None:
         self._factory = factory
         self._clock = clock
         self._timeout = timeout

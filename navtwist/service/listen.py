@@ -155,7 +155,8 @@ class Listener(service.Service):
     def _listened(self, result: IListeningPort | Failure) -> None:
         if isinstance(result, Failure):
             if not result.check(CancelledError):
-                self._problem = listen_problem(self._key, self._description, result.value)
+                error = result.value if result.value is not None else RuntimeError("failed")
+                self._problem = listen_problem(self._key, self._description, error)
                 if not self._starting:  # an endpoint that failed later: nothing left to raise into
                     log.critical("{problem}", problem=self._problem)
             return
@@ -170,12 +171,12 @@ class Listener(service.Service):
                 key=self._key, address=where, event="exposed",
             )
 
-    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         listening, self._listening = self._listening, None
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()  # type: ignore[return-value]
+            return port.stopListening()
         if listening is not None:
             listening.cancel()
         return None

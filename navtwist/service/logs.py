@@ -23,9 +23,10 @@ import os
 import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.application import service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import FileLogObserver, ILogObserver, LogEvent, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -63,7 +64,7 @@ def log_record(event: LogEvent) -> dict[str, Any]:
     when = event.get("log_time")
     record: dict[str, Any] = {
         "time": _iso_utc(when) if isinstance(when, (int, float)) else None,
-        "level": level.name if level in _LEVELS else "info",
+        "level": level.name if level is not None and level in _LEVELS else "info",
         "event": name if isinstance(name, str) and name else DEFAULT_EVENT,
         "namespace": event.get("log_namespace"),
         "message": message,
@@ -180,7 +181,8 @@ def _rotate_on_sigusr1(log_file: LogFile) -> None:
     def rotate(signum: int, frame: object) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+        # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
+        cast(IReactorFromThreads, reactor).callFromThread(log_file.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)
 
@@ -202,7 +204,7 @@ class TwistdLogging(service.MultiService):
         self._rotation = rotation
         self.observer: JSONLinesObserver | None = None
 
-    def setServiceParent(self, parent: Any) -> None:  # type: ignore[override]
+    def setServiceParent(self, parent: Any) -> None:
         # Only an Application (a Componentized) has a log observer; under
         # another service there is nothing to set, and one already set wins.
         if hasattr(parent, "setComponent") and parent.getComponent(ILogObserver, None) is None:

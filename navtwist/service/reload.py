@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Sequence
+from types import FrameType
+from typing import Any, Callable, Sequence
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from navtwist.config import Config, ConfigError
+from navtwist.interfaces import IServiceReactor
 
 log = Logger(namespace="navtwist.reload")
 
@@ -39,7 +41,7 @@ class ConfigReloader(service.Service):
         current: Config,
         load: Callable[[Config], Config],
         apply: Callable[[Config], None],
-        reactor: IReactorTime,
+        reactor: IServiceReactor,
         path: str | None,
         watch_interval: float | None,
         watched: Callable[[Config], Sequence[str]] = lambda config: (),
@@ -53,7 +55,7 @@ class ConfigReloader(service.Service):
         self._poll_interval = watch_interval
         self._poller: LoopingCall | None = None
         self._seen = self._states()
-        self._previous_handler: object = None
+        self._previous_handler: Callable[[int, FrameType | None], Any] | int | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -64,7 +66,7 @@ class ConfigReloader(service.Service):
             self._poller.clock = self._reactor
             self._poller.start(self._poll_interval, now=False)
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> None:
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._previous_handler is not None:

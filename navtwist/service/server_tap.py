@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent
@@ -40,6 +40,7 @@ from navtwist.service.backlog import with_backlog
 from navtwist.service.reload import ConfigReloader
 from navtwist.inference.hooks import select
 from navtwist.inference.router import Extensions, InferenceRouter, UpstreamClients
+from navtwist.interfaces import IProxyReactor
 
 log = Logger(namespace="navtwist")
 
@@ -54,7 +55,7 @@ class Options(ConfigOptions):
         "policy.intercept per request, tunnels policy.allow, and refuses everything else. "
         "SIGHUP reloads the config, SIGTERM drains. See docs/config.md."
     )
-    optParameters = [
+    optParameters: list[list[Any]] = [
         ["listen", "l", None, "Server endpoint string to listen on, overriding the config."],
         ["watch-interval", None, 2.0, "Seconds between checks of the config file with --watch.", float],
         ["log-max-bytes", None, Rotation.max_bytes, "Rotate the JSON log file when it reaches this size.", int],
@@ -91,10 +92,10 @@ class Options(ConfigOptions):
 class _UpstreamPoolService(service.Service):
     """Closes cached upstream connections when twistd stops."""
 
-    def __init__(self, clients: UpstreamClients) -> None:
+    def __init__(self, clients: UpstreamClients | OriginClients) -> None:
         self._clients = clients
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[None] | Deferred[list[tuple[bool, object]]]:
         super().stopService()
         return self._clients.close()
 
@@ -107,7 +108,7 @@ def extensions(config: Config, metrics: Metrics) -> Extensions:
 
 def make_service(
     config: Config,
-    reactor: IReactorTime,
+    reactor: IProxyReactor,
     reload: Callable[[Config], Config] | None = None,
     config_path: str | None = None,
     watch_interval: float | None = None,
@@ -229,8 +230,10 @@ def make_service(
 
 
 def makeService(options: Options) -> service.MultiService:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    # Twisted types the installed reactor by only a few of the interfaces every reactor provides.
+    reactor = cast(IProxyReactor, installed)
     quiet_until_running(reactor)
     check_before_start(options["navtwist-config"], options.parent)
     top = make_service(

@@ -18,6 +18,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.python.failure import Failure
+from twisted.web.client import Request as ClientRequest
 from twisted.web.iweb import IResponse
 
 from navtwist.upstream.decode import UnsupportedContentEncoding
@@ -74,7 +75,7 @@ class LimitedClientProtocol(ClientProtocolHooks):
         if self._socket_buffer is not None:
             bound_socket_buffers(self.transport, self._socket_buffer)
 
-    def request(self, request: object) -> Deferred[IResponse]:
+    def request(self, request: ClientRequest) -> Deferred[IResponse]:
         before = self.response_parser
         result = super().request(request)
         parser = self.response_parser
@@ -96,7 +97,7 @@ def client_factory(limits: HeadLimits, socket_buffer: int | None) -> type:
 def head_too_large(failure: Failure) -> ResponseHeadTooLarge | None:
     """The head-limit error inside a failed call's C{ResponseFailed}/C{ResponseNeverReceived}, if that is why."""
     for reason in getattr(failure.value, "reasons", ()):
-        if isinstance(reason, Failure) and reason.check(ResponseHeadTooLarge):
+        if isinstance(reason, Failure) and isinstance(reason.value, ResponseHeadTooLarge):
             return reason.value
     return None
 

@@ -109,6 +109,9 @@ class DecodingAgent:
 class _Refused(Protocol):
     """Takes the body of a refused response and closes its connection (it is never read)."""
 
+    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
+    transport: IPushProducer  # type: ignore[assignment]
+
     def connectionMade(self) -> None:
         self.transport.stopProducing()
 
@@ -134,6 +137,9 @@ class BoundedGunzip(Protocol):
     It is C{protocol}'s transport: pausing it stops inflating (and pauses the
     upstream); resuming it inflates what is waiting before reading more.
     """
+
+    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
+    transport: IPushProducer  # type: ignore[assignment]
 
     def __init__(self, protocol: Protocol, limits: DecodeLimits) -> None:
         self._protocol = protocol

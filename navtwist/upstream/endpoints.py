@@ -15,18 +15,21 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from navtwist.interfaces import IProxyReactor
+
 
 @implementer(IAgentEndpointFactory)
 class UpstreamEndpoints:
     """Endpoints for an Agent, each with C{connect_timeout}; https is verified by C{tls}."""
 
-    def __init__(self, reactor: object, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
+    def __init__(self, reactor: IProxyReactor, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

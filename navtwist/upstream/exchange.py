@@ -20,7 +20,7 @@ import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -97,6 +97,9 @@ class ChunkObserver(typing.Protocol):
 
 class _Discard(Protocol):
     """Takes a response nobody will read and closes its connection."""
+
+    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
+    transport: IPushProducer  # type: ignore[assignment]
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
@@ -233,10 +236,9 @@ class Exchange:
         self._timed_out = False
         self._first_byte_call = self._clock.callLater(attempt.deadlines.first_byte, self._first_byte_timeout)
         self._pending = call = maybeDeferred(attempt.send)
-        call.addCallbacks(self._answered, self._call_failed, (attempt,), None, (attempt,))
-        call.addBoth(self._release, attempt.gate)
-        call.addCallback(lambda step: step())
-        call.addErrback(lambda failure: log.failure("exchange failed", failure))
+        stepped = call.addCallbacks(self._answered, self._call_failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
+        stepped.addBoth(self._release, attempt.gate).addCallback(lambda step: step()).addErrback(
+            lambda failure: log.failure("exchange failed", failure))
 
     @staticmethod
     def _release(result: Step | Failure, gate: Gate) -> Step | Failure:
@@ -256,7 +258,7 @@ class Exchange:
         self._settled()
         if self._phase is Phase.LEAVING:
             return partial(self._end, Outcome.CLIENT_GONE)
-        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=refused_answer(failure) or failure.type.__name__)
+        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=refused_answer(failure) or type(failure.value).__name__)
         if self._listener is not None:
             self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():

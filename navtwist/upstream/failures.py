@@ -56,7 +56,7 @@ def classify(failure: Failure, timed_out: bool) -> Cause:
     """The cause of a failed upstream call; C{timed_out} says one of our deadlines cancelled it."""
     if failure.check(RouteBusy):
         return Cause.BUSY
-    if failure.check(Refusal):
+    if isinstance(failure.value, Refusal):
         refusal = failure.value
         if refusal.status < 500:
             return Cause.REFUSED
@@ -67,7 +67,7 @@ def classify(failure: Failure, timed_out: bool) -> Cause:
         return Cause.CONNECT
     if failure.check(UpstreamStatus):
         return Cause.STATUS
-    if failure.check(ResponseNeverReceived, ResponseFailed):
+    if isinstance(failure.value, (ResponseNeverReceived, ResponseFailed)):
         if any(type(reason.value).__module__.startswith("OpenSSL") for reason in failure.value.reasons):
             return Cause.TLS
         return Cause.PROTOCOL

@@ -9,9 +9,9 @@ is coalesced or held back.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -40,6 +40,9 @@ class ResponseRelay(Protocol):
     C{stream_error} makes the SSE event that reports a truncated stream; with
     None, a truncated body is signalled by aborting the client connection.
     """
+
+    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
+    transport: IPushProducer  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -96,7 +99,7 @@ class ResponseRelay(Protocol):
             self._done(Outcome.OK)
             return
         outcome = self._outcome or Outcome.UPSTREAM_ERROR
-        if self._outcome is None and reason.check(BodyDecodeError):
+        if self._outcome is None and isinstance(reason.value, BodyDecodeError):
             outcome, self._cut_message = Outcome(reason.value.outcome), str(reason.value)
         if self._stream_error is not None:
             message = f"response truncated: {self._cut_message or 'upstream connection lost'}"
@@ -106,7 +109,7 @@ class ResponseRelay(Protocol):
         else:
             # A truncated JSON body must not look complete: end the chunked
             # body without its terminator.
-            self._request.transport.abortConnection()
+            cast(ITCPTransport, self._request.transport).abortConnection()
         self._done(outcome)
 
     # -- client side: driven by the client's HTTP channel
@@ -159,7 +162,7 @@ class ResponseRelay(Protocol):
     def _client_stalled(self) -> None:
         """The client read nothing for too long while we had data for it."""
         self._outcome = Outcome.CLIENT_STALLED
-        self._request.transport.abortConnection()
+        cast(ITCPTransport, self._request.transport).abortConnection()
 
     def _cancel_timers(self) -> None:
         self._cancel(self._idle_call)
