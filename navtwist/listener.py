@@ -26,7 +26,6 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
     IReactorTime,
-    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
