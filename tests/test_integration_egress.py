@@ -364,7 +364,7 @@ def test_forwarding_keeps_the_connection_alive_and_drops_hop_headers(proxy, serv
     base = f"http://127.0.0.1:{web}"
     before = len(servers.web.seen)
     hop = "Proxy-Authorization: Basic YWdlbnQ6c2VjcmV0\r\nProxy-Connection: keep-alive\r\n" \
-          "Connection: keep-alive, X-Hop\r\nX-Hop: dropped\r\nX-Kept: kept\r\n"
+          "Connection: keep-alive, X-Hop\r\nX-Hop: dropped\r\nX-Kept: kept\r\nX_Under: dropped\r\n"
 
     with Conn.open(proxy.port) as conn:
         conn.send(http_request("GET", f"{base}/one?a=1", "evil.example", hop))
@@ -377,7 +377,8 @@ def test_forwarding_keeps_the_connection_alive_and_drops_hop_headers(proxy, serv
     one, two = servers.web.seen[before:]
     assert one.header("host") == two.header("host") == [f"127.0.0.1:{web}"]  # from the URI, never the client's
     assert one.header("x-kept") == ["kept"]
-    for name in ("proxy-authorization", "proxy-connection", "x-hop"):
+    assert two.header("content-length") == ["6"], "the body's length must be sent exactly once"
+    for name in ("proxy-authorization", "proxy-connection", "x-hop", "x_under"):
         assert one.header(name) == [], name
 
 
