@@ -20,7 +20,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import twisted
-from twisted.internet import abstract
+from twisted.internet import _newtls, abstract
 from twisted.web import _newclient as newclient
 from twisted.web import client, http
 from twisted.web.http_headers import Headers
@@ -83,6 +83,8 @@ def problems(web_http: ModuleType = http, web_client: ModuleType = client) -> li
                lambda: all(f"self.{name}" in inspect.getsource(abstract.FileDescriptor)
                            for name in ("dataBuffer", "offset", "_tempDataLen")),
                True),
+        _method(_newtls._BypassTLS, "loseConnection", ("args", "kwargs")),
+        _probe("twisted.internet._newtls.ConnectionMixin.TLS", lambda: _newtls.ConnectionMixin.TLS, False),
         _probe("twisted.protocols.basic.LineReceiver._buffer (the unparsed bytes)",
                lambda: _fed_channel(channel, b"GET / HT")._buffer, b"GET / HT"),
     ]
@@ -259,3 +261,19 @@ def write_buffered(transport: object) -> int | None:
     if not isinstance(buffered, bytes):
         return None
     return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def close_beneath_tls(transport: object) -> bool:
+    """Close a TCP connection that TLS was started on (C{startTLS}) once the bytes
+    it buffers are sent, without waiting for the peer's close_notify.
+
+    Twisted's TLS layer, asked to close, sends close_notify and then waits for
+    the peer's, which an idle keep-alive client never sends.  The layer below
+    it (a private C{_BypassTLS}) closes the socket itself.  Returns False,
+    doing nothing, for a transport that is not TLS started that way.
+    """
+    below = getattr(getattr(transport, "protocol", None), "transport", None)
+    if not getattr(transport, "TLS", False) or not isinstance(below, _newtls._BypassTLS):
+        return False
+    below.loseConnection()
+    return True

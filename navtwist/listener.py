@@ -24,7 +24,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
-    IProtocol,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -33,10 +32,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from navtwist.ca import CertificateAuthority
+from navtwist.compat import close_beneath_tls
 from navtwist.decisions import ALLOW, DENY, DecisionLog, DecisionRecord
 from navtwist.config import Limits, Timeouts
 from navtwist.egress.dial import Egress
 from navtwist.outcome import Refusal
+from navtwist.http.channel import HardenedChannel
 from navtwist.http.head import BadHead, ProxyHead, parse_authority, parse_head
 from navtwist.http.channel import HardenedSite, raw_json_response
 from navtwist.egress.tunnel import Splice, TunnelUpstream, TunnelUpstreamFactory
@@ -98,11 +99,12 @@ class ProxyProtocol(Protocol):
         self._factory = factory
         self._mode = Mode.HEAD
         self._buffer = b""
-        self._inner: IProtocol | None = None  # in Mode.HTTP
+        self._inner: HardenedChannel | None = None  # in Mode.HTTP
         self._splice: Splice | None = None  # in Mode.DIALING (waiting) and Mode.TUNNEL
         self._dialing: Deferred | None = None  # in Mode.DIALING
         self._head_call: IDelayedCall | None = None
         self._tls_call: IDelayedCall | None = None
+        self._tls = False  # our own TLS was started (intercepted)
         self._counted = False
         self._decision: DecisionRecord | None = None  # a tunnel's, written when it ends
         self._tunnel_started = 0.0
@@ -213,6 +215,7 @@ class ProxyProtocol(Protocol):
         self._enter(Mode.HTTP)
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self.transport.startTLS(options)
+        self._tls = True
         self._tls_call = factory.clock.callLater(factory.timeouts.tls_handshake, self._tls_timed_out)
         inner = site.buildProtocol(self.transport.getPeer())
         # The origin a request inside this TLS is for (the CONNECT's authority, not its Host header).
@@ -228,9 +231,9 @@ class ProxyProtocol(Protocol):
     def _forward(self, data: bytes) -> None:
         """Serve this connection with the forwarding HTTP/1.1 channel, head included."""
         self._enter(Mode.HTTP)
-        self._inner = self._factory.forward_site.buildProtocol(self.transport.getPeer())
-        self._inner.makeConnection(self.transport)
-        self._inner.dataReceived(data)
+        inner = self._inner = self._factory.forward_site.buildProtocol(self.transport.getPeer())
+        inner.makeConnection(self.transport)
+        inner.dataReceived(data)
 
     def _tunnel(self, host: str, port: int, rest: bytes) -> None:
         """Check, resolve and dial the destination, then splice the two connections."""
@@ -327,6 +330,31 @@ class ProxyProtocol(Protocol):
         if self._mode in (Mode.TUNNEL, Mode.DIALING):
             return True
         return self._mode is Mode.HTTP and bool(getattr(self._inner, "requests", None))
+
+    def close_idle(self) -> None:
+        """Close this connection, which carries nothing in flight, at once (a graceful stop).
+
+        What its transport still buffers is sent first.  An inner HTTP channel
+        stops producing and closes; inside our TLS, close_notify goes out and
+        the socket closes after it, without waiting for the client's reply (an
+        idle keep-alive client never reads, so it never replies).
+        """
+        if self._mode is Mode.HTTP and self._inner is not None:
+            self._inner.loseConnection()
+            if self._tls:
+                close_beneath_tls(self.transport)
+        else:
+            self.transport.loseConnection()
+
+    def close_after_response(self) -> None:
+        """While draining: the response in flight is this connection's last
+        (it says C{Connection: close} unless its head has gone out already)."""
+        inner = self._inner
+        if self._mode is Mode.HTTP and inner is not None:
+            inner.persistent = False
+            for request in getattr(inner, "requests", ()):
+                if not request.startedWriting:
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)

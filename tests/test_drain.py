@@ -18,20 +18,28 @@ class Connection:
 
     is_busy: bool
     transport: RecordingTransport = field(default_factory=RecordingTransport)
+    last_response: bool = False
 
     def busy(self) -> bool:
         return self.is_busy
+
+    def close_idle(self) -> None:
+        self.transport.loseConnection()
+
+    def close_after_response(self) -> None:
+        self.last_response = True
 
 
 @dataclass
 class Factory:
     protocols: set[Connection] = field(default_factory=set)
     draining: bool = False
+    drain: DrainService | None = None
 
 
 def _drain(*connections: Connection) -> tuple[Factory, MemoryReactorClock, list[None]]:
     factory, clock, done = Factory(set(connections)), MemoryReactorClock(), []
-    drain = DrainService(factory, clock, TIMEOUT)  # type: ignore[arg-type]
+    drain = factory.drain = DrainService(factory, clock, TIMEOUT)  # type: ignore[arg-type]
     drain.startService()
     drain.stopService().addCallback(done.append)
     return factory, clock, done
@@ -58,6 +66,7 @@ def test_busy_connection_is_left_to_finish() -> None:
     factory, clock, done = _drain(busy)
     clock.pump([POLL_INTERVAL] * int(TIMEOUT / POLL_INTERVAL / 2))
     assert not busy.transport.disconnecting and done == []
+    assert busy.last_response  # its response in flight closes the connection after it
     busy.is_busy = False  # its response ended: idle now, so closed on the next tick
     clock.advance(POLL_INTERVAL)
     assert busy.transport.disconnecting and not busy.transport.aborted
@@ -84,3 +93,15 @@ def test_drain_gives_up_a_second_after_the_deadline() -> None:
     assert stuck.transport.aborted and done == []
     clock.pump([POLL_INTERVAL] * 2)
     assert done == [None]  # …but not for ever
+
+
+def test_when_drained_fires_once_the_stop_has_drained() -> None:
+    busy = Connection(is_busy=True)
+    factory, clock, done = _drain(busy)
+    drain_service_waiters: list[None] = []
+    factory.drain.when_drained().addCallback(drain_service_waiters.append)
+    clock.advance(POLL_INTERVAL)
+    assert drain_service_waiters == []
+    factory.protocols.clear()
+    clock.advance(POLL_INTERVAL)
+    assert drain_service_waiters == [None] and done == [None]

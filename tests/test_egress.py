@@ -1,6 +1,8 @@
 """Destination checks: policy, resolution, SSRF guard, dialling the checked address."""
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TCPTimedOutError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
@@ -15,7 +17,7 @@ from navtwist.testing import FakeResolver
 
 
 ALLOW = ["api.github.com:443", "*.pythonhosted.org:443", "pypi.org:*", "127.0.0.1:8080",
-         "localhost:8080", "rebind.example:443", "internal.example:8080", "slow.example:443", "gone.example:443"]
+         "localhost:8080", "app.localhost:*", "loop.example:*", "self.example:*", "[::ffff:127.0.0.1]:9000", "rebind.example:443", "internal.example:8080", "slow.example:443", "gone.example:443"]
 TABLE = {
     "api.github.com": ["140.82.112.6"],
     "files.pythonhosted.org": ["151.101.0.223", "2a04:4e42::223"],
@@ -25,7 +27,11 @@ TABLE = {
     "internal.example": ["10.1.2.3"],
     "slow.example": None,
     "gone.example": [],
+    "app.localhost": ["93.184.216.34"],  # a DNS server may say so: never asked
+    "loop.example": ["198.51.100.7"],  # this host's public address
+    "self.example": ["2001:db8::7"],
 }
+OWN = frozenset({ipaddress.ip_address("198.51.100.7"), ipaddress.ip_address("2001:db8::7")})
 
 
 @pytest.fixture
@@ -40,7 +46,7 @@ def resolver() -> FakeResolver:
 
 @pytest.fixture
 def egress(clock: MemoryReactorClock, resolver: FakeResolver) -> Egress:
-    return Egress(clock, clock, resolver, Policy.parse(ALLOW), connect_timeout=5)
+    return Egress(clock, clock, resolver, Policy.parse(ALLOW), connect_timeout=5, own_addresses=lambda: OWN)
 
 
 def _result(d):  # type: ignore[no-untyped-def]
@@ -121,3 +127,34 @@ def test_dial_failures_are_mapped(egress: Egress, clock: MemoryReactorClock, err
     connector = clock.connectors[0]
     clock.tcpClients[0][2].clientConnectionFailed(connector, Failure(error))
     assert _refusal(d)[:2] == expected
+
+
+@pytest.mark.parametrize("host, port", [("loop.example", 3128), ("loop.example", 22), ("self.example", 9090)])
+def test_a_name_resolving_to_this_hosts_address_is_ssrf_denied_on_every_port(egress: Egress, host: str,
+                                                                               port: int) -> None:
+    assert _refusal(egress.destination(host, port, "x")) == (403, "ssrf_denied",
+                                                              f"{host} resolves to a this-host address")
+
+
+def test_this_hosts_addresses_are_read_at_each_check(clock: MemoryReactorClock, resolver: FakeResolver) -> None:
+    own: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    egress = Egress(clock, clock, resolver, Policy.parse(ALLOW), connect_timeout=5,
+                    own_addresses=lambda: frozenset(own))
+    assert str(_result(egress.destination("loop.example", 443, "x"))) == "198.51.100.7"
+    own.add(ipaddress.ip_address("198.51.100.7"))  # an address added while running
+    assert _refusal(egress.destination("loop.example", 443, "x"))[1] == "ssrf_denied"
+
+
+def test_a_localhost_subdomain_is_refused_without_resolving(egress: Egress, resolver: FakeResolver) -> None:
+    assert _refusal(egress.destination("app.localhost", 443, "x")) == (403, "ssrf_denied",
+                                                                       "app.localhost is a loopback name")
+    assert resolver.asked == []
+
+
+def test_an_ipv4_literal_entry_exempts_its_mapped_form(clock: MemoryReactorClock) -> None:
+    resolver = FakeResolver({"mapped.example": ["::ffff:127.0.0.1"], "plain.example": ["127.0.0.1"]})
+    egress = Egress(clock, clock, resolver, Policy.parse(["mapped.example:8080", "plain.example:9000",
+                                                          "127.0.0.1:8080", "[::ffff:127.0.0.1]:9000"]),
+                    connect_timeout=5, own_addresses=frozenset)
+    assert str(_result(egress.destination("mapped.example", 8080, "x"))) == "::ffff:7f00:1"
+    assert str(_result(egress.destination("plain.example", 9000, "x"))) == "127.0.0.1"

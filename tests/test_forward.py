@@ -88,6 +88,18 @@ def test_placeholder_over_plain_http_is_refused_and_logged_as_a_decision_without
                                      "(credential_endpoint_mismatch) credential=github")
 
 
+def test_body_is_sent_with_the_agents_length_only_and_underscore_names_are_dropped(client: Client) -> None:
+    # The Agent writes Content-Length from the body it is given: the client's must not be passed on too.
+    client.channel.dataReceived(b"POST http://allowed.example/p HTTP/1.1\r\nHost: allowed.example\r\n"
+                                b"Content-Length: 6\r\nTransfer_Encoding: chunked\r\nX_Kept: no\r\n"
+                                b"X-Kept: yes\r\n\r\na body")
+    [call] = client.agent.calls
+    assert call.body == b"a body"
+    assert not call.headers.hasHeader(b"content-length")
+    assert [name for name, _ in call.headers.getAllRawHeaders() if b"_" in name] == []
+    assert call.headers.getRawHeaders(b"x-kept") == [b"yes"]
+
+
 def test_destination_outside_the_policy_is_refused_and_never_asked(client: Client) -> None:
     client.send("http://elsewhere.example/")
     assert client.refusal()[0] == 403 and client.agent.calls == []

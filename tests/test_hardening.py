@@ -327,10 +327,16 @@ VECTORS = [
     Vector("chunk_bad_extension", chunked(b"5;a\x00\r\nhello\r\n0\r\n\r\n"), parsers=(CHANNEL,)),
     Vector("chunk_trailer_nul", chunked(b"0\r\nX-T: a\x00b\r\n\r\n"), parsers=(CHANNEL,)),
     Vector("chunk_trailer_obs_fold", chunked(b"0\r\nX-T: a\r\n b\r\n\r\n"), parsers=(CHANNEL,)),
+    # RFC 9112 3.2: exactly one Host in HTTP/1.1, never two
+    Vector("host_twice", request(b"Host: evil.example")),
+    Vector("host_twice_same", request(b"Host: example.com")),
+    Vector("host_missing_http11", b"GET TARGET HTTP/1.1\r\nX-A: 1\r\n\r\n"),
+    Vector("host_twice_http10", b"GET TARGET HTTP/1.0\r\nHost: a.example\r\nHost: b.example\r\n\r\n"),
+    Vector("connect_without_host", b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n", parsers=(FIRST_HEAD,)),
     # only the first head: a tunnel or a GET must not announce a body
-    Vector("connect_with_cl", b"CONNECT inference.local:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+    Vector("connect_with_cl", b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\nContent-Length: 5\r\n\r\n",
            parsers=(FIRST_HEAD,)),
-    Vector("connect_with_te", b"CONNECT inference.local:443 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    Vector("connect_with_te", b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\nTransfer-Encoding: chunked\r\n\r\n",
            parsers=(FIRST_HEAD,)),
     Vector("get_with_cl", request(b"Content-Length: 5", line=b"GET TARGET HTTP/1.1"), parsers=(FIRST_HEAD,)),
     Vector("get_with_te", request(b"Transfer-Encoding: chunked", line=b"GET TARGET HTTP/1.1"), parsers=(FIRST_HEAD,)),
@@ -398,20 +404,28 @@ def test_channel_accepts_valid_framing(data: bytes) -> None:
 @pytest.mark.parametrize(
     "head",
     [
-        b"CONNECT inference.local:443 HTTP/1.1\r\nContent-Length: 0",
-        b"GET http://example.com/ HTTP/1.1\r\nContent-Length: 0",
-        b"POST http://example.com/ HTTP/1.1\r\nContent-Length:  5 ",
-        b"POST http://example.com/ HTTP/1.1\r\nTransfer-Encoding: chunked",
-        b"PUT http://example.com/ HTTP/1.1\r\nX-A: tab\there",
+        b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\nContent-Length: 0",
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0",
+        b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nContent-Length:  5 ",
+        b"POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked",
+        b"PUT http://example.com/ HTTP/1.1\r\nHost: example.com\r\nX-A: tab\there",
+        b"GET http://example.com/ HTTP/1.0",
     ],
 )
 def test_first_head_parser_accepts_valid_framing(head: bytes) -> None:
     assert parse_head(head).method in (b"CONNECT", b"GET", b"POST", b"PUT")
 
 
+def test_channel_serves_http10_without_host() -> None:
+    c = Channel.open()
+    c.send(b"GET /v1/x HTTP/1.0\r\n\r\n")
+    [response] = c.responses()
+    assert (response.status, response.body) == (200, b"ok")
+
+
 def test_first_head_parser_fullmatches_tokens_and_version() -> None:
     """A regex "$" also matches before a final newline; the parser must not."""
-    for head in (b"GET http://x/ HTTP/1.1\n", b"GET http://x/ HTTP/1.1\r\nX-A\n: b"):
+    for head in (b"GET http://x/ HTTP/1.1\n", b"GET http://x/ HTTP/1.1\r\nHost: x\r\nX-A\n: b"):
         with pytest.raises(BadHead):
             parse_head(head)
 
@@ -421,7 +435,7 @@ def test_intercepted_connection_is_served_by_the_hardened_channel() -> None:
     inner = Channel.open(site_type=InterceptSite)
     proxy = Proxy.open(intercept_site=inner.site)
     protocol, transport = proxy.connect()
-    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
     assert transport.value() == b"HTTP/1.1 200 Connection Established\r\n\r\n"
     transport.clear()
     protocol.dataReceived(_for_channel(VECTORS[0]))  # the TLS layer is faked away
@@ -442,7 +456,7 @@ def test_refusing_one_connection_leaves_the_others_alone() -> None:
     proxy = Proxy.open()
     first, t1 = proxy.connect()
     second, t2 = proxy.connect()
-    first.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n")
+    first.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n")
     second.dataReceived(_for_proxy(VECTORS[0]))
     refusal(t2, 400)
     first.dataReceived(b"\r\n")
@@ -457,7 +471,7 @@ def test_refusing_one_connection_leaves_the_others_alone() -> None:
     [
         pytest.param(request(b"X-A: " + b"a" * 1100), id="one_long_header"),
         pytest.param(request(*[b"X-%d: " % i + b"a" * 200 for i in range(6)]), id="head_over_limit"),
-        pytest.param(b"POST /v1/x HTTP/1.1\r\nX-A: " + b"a" * 1100, id="line_without_end"),
+        pytest.param(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 1100, id="line_without_end"),
         pytest.param(b"GET /" + b"a" * 1100 + b" HTTP/1.1\r\n\r\n", id="long_request_line"),
         pytest.param(b"GET /" + b"a" * 1100, id="request_line_without_end"),
         pytest.param(request(*[b"X-%d: a" % i for i in range(10)]), id="too_many_headers"),
@@ -587,7 +601,7 @@ def test_each_head_gets_its_own_deadline() -> None:
     c = Channel.open()
     c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
     c.clock.advance(30)
-    c.send(b"GET /b HTTP/1.1\r\n")
+    c.send(b"GET /b HTTP/1.1\r\nHost: x\r\n")
     c.clock.advance(4.9)
     assert [r.status for r in c.responses()] == [200]
     c.clock.advance(0.2)
@@ -619,7 +633,7 @@ def test_stalled_body_is_408_after_the_idle_timeout() -> None:
 
 def test_refused_peer_that_never_closes_is_aborted() -> None:
     c = Channel.open()
-    c.send(b"GET /a HTTP/1.1\r\nX A: b\r\n\r\n")
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n")
     c.refusal(400)
     assert not c.transport.aborted
     c.clock.advance(c.channel.abortTimeout)
@@ -628,7 +642,7 @@ def test_refused_peer_that_never_closes_is_aborted() -> None:
 
 def test_connection_lost_cancels_every_timer() -> None:
     c = Channel.open()
-    c.send(b"GET /a HTTP/1.1\r\n")
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n")
     c.channel.connectionLost(Failure(ConnectionDone()))
     assert c.clock.getDelayedCalls() == []
 
@@ -648,7 +662,7 @@ CHANNEL_CORPUS = [
 CHANNEL_CORPUS = [data.replace(b"TARGET", CHANNEL_TARGET) for data in CHANNEL_CORPUS]
 PROXY_CORPUS = [
     b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n",
-    b"CONNECT inference.local:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\n\x16\x03\x01",
+    b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\nProxy-Authorization: Basic eDp5\r\n\r\n\x16\x03\x01",
     b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
     b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
     request(b"Content-Length: 5", body=b"hello").replace(b"TARGET", PROXY_TARGET),

@@ -154,9 +154,11 @@ def test_tls_through_the_tunnel_is_end_to_end(proxy, servers):
     pytest.param("127.0.0.1:{echo}", b"sent together with the CONNECT head", id="early-data"),
     pytest.param("localhost:{echo}", b"", id="name-resolving-to-a-listed-ip"),
     pytest.param("[::1]:{echo6}", b"", id="ipv6-literal"),
+    # 127.0.0.1:{echo} is listed, and an IPv4 address and its ::ffff: form are one address
+    pytest.param("[::ffff:127.0.0.1]:{echo}", b"", id="ipv4-mapped-form-of-a-listed-ip"),
 ])
 def test_allowed_destination_tunnels_bytes(proxy, servers, target, early):
-    if "echo6" in target and servers.echo6 is None:
+    if ("echo6" in target or "::ffff:" in target) and servers.echo6 is None:
         pytest.skip("no IPv6 loopback on this machine")
     if target.startswith("localhost") and LOCALHOST != {"127.0.0.1"}:
         pytest.skip(f"localhost resolves to {LOCALHOST} here, not only to the listed 127.0.0.1")
@@ -199,7 +201,7 @@ def _denied(target: str, detail: str | None = None):  # type: ignore[no-untyped-
     _denied("aexample.test:443"),
     _denied("10.0.0.1:443"),  # IP literals pass only when listed, internal or not
     _denied("169.254.169.254:80"),
-    _denied("[::ffff:127.0.0.1]:{echo}", "::ffff:127.0.0.1:{echo}"),
+    _denied("[::ffff:127.0.0.1]:{unlisted}", "::ffff:127.0.0.1:{unlisted}"),
     pytest.param("localhost:{named}", 403, "ssrf_denied", "localhost resolves to a loopback address", id="ssrf-name"),
     pytest.param("LocalHost.:{named}", 403, "ssrf_denied", "localhost resolves to a loopback address",
                  id="ssrf-name-case-dot"),
@@ -364,7 +366,7 @@ def test_forwarding_keeps_the_connection_alive_and_drops_hop_headers(proxy, serv
     base = f"http://127.0.0.1:{web}"
     before = len(servers.web.seen)
     hop = "Proxy-Authorization: Basic YWdlbnQ6c2VjcmV0\r\nProxy-Connection: keep-alive\r\n" \
-          "Connection: keep-alive, X-Hop\r\nX-Hop: dropped\r\nX-Kept: kept\r\n"
+          "Connection: keep-alive, X-Hop\r\nX-Hop: dropped\r\nX-Kept: kept\r\nX_Under: dropped\r\n"
 
     with Conn.open(proxy.port) as conn:
         conn.send(http_request("GET", f"{base}/one?a=1", "evil.example", hop))
@@ -377,7 +379,8 @@ def test_forwarding_keeps_the_connection_alive_and_drops_hop_headers(proxy, serv
     one, two = servers.web.seen[before:]
     assert one.header("host") == two.header("host") == [f"127.0.0.1:{web}"]  # from the URI, never the client's
     assert one.header("x-kept") == ["kept"]
-    for name in ("proxy-authorization", "proxy-connection", "x-hop"):
+    assert two.header("content-length") == ["6"], "the body's length must be sent exactly once"
+    for name in ("proxy-authorization", "proxy-connection", "x-hop", "x_under"):
         assert one.header(name) == [], name
 
 

@@ -235,7 +235,7 @@ def test_reload_applies_new_rules_to_new_requests_on_an_open_connection(
     context = ssl.create_default_context(cafile=str(proxy.ca_path))
     host = f"Host: 127.0.0.1:{origin.port}\r\n".encode()
     with Conn.open(proxy.port) as conn:
-        conn.send(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        conn.send(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
         assert conn.response(bodyless=True).status == 200
         conn.start_tls(context, "127.0.0.1")
         conn.send(b"GET /before HTTP/1.1\r\n" + host + b"\r\n")
@@ -291,7 +291,7 @@ def test_websocket_upgrade_is_judged_then_spliced(start_proxy: ProxyStarter, ori
         upgrade = (f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
         with Conn.open(proxy.port) as conn:
-            conn.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+            conn.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
             assert conn.response(bodyless=True).status == 200
             conn.start_tls(context, "127.0.0.1")
             conn.send(b"GET /admin HTTP/1.1\r\n" + upgrade)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import TIMEOUT, _free_port, _recv_head
+from conftest import TIMEOUT, Tunnel, _free_port, _recv_head
 from routing_helpers import (  # noqa: F401  (fixtures are used by name)
     Fed,
     NarrowTunnel,
@@ -306,3 +306,67 @@ def test_an_unknown_plugin_stops_start_up(tmp_path, upstream):
     assert len(errors) == 1, output
     assert "no plugin named 'nope' is installed" in errors[0], errors[0]
     assert "Traceback" not in output
+
+
+# --- drain: idle connections close at once ----------------------------------------------------
+
+
+def _idle_tls_client(proxy, host: str) -> ssl.SSLSocket:
+    """A client through CONNECT + our TLS that made one request and now idles on keep-alive."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+    raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    status, head, _ = _recv_head(raw)
+    assert status == 200, head
+    tls = ssl.create_default_context(cafile=str(proxy.ca_path)).wrap_socket(raw, server_hostname=host)
+    tls.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    status, head, _ = _recv_head(tls)
+    assert status == 200 and b"connection: close" not in head.lower(), head
+    return tls
+
+
+def test_sigterm_with_only_idle_clients_exits_at_once(start_proxy, upstream):
+    """Idle keep-alive connections (inside our TLS, forwarded, and one that sent nothing)
+    are closed at once: the stop does not wait out drain_timeout."""
+    proxy = start_proxy({**routes_config(upstream.url), "drain_timeout": 10,
+                         "policy": {"allow": [f"127.0.0.1:{upstream.port}"],
+                                    "intercept": [{"host": "api.example.test", "inference": True}]}})
+    clients: list[socket.socket] = [_idle_tls_client(proxy, ROUTE), _idle_tls_client(proxy, "api.example.test")]
+    forward = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+    forward.sendall(f"GET {upstream.url}/models HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n\r\n".encode())
+    _recv_head(forward)
+    clients += [forward, socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)]
+    time.sleep(0.2)
+    try:
+        terminated = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(10 + 5) == 0
+        exited = time.monotonic()
+    finally:
+        for client in clients:
+            client.close()
+    assert exited - terminated < 1.0, f"twistd took {exited - terminated:.1f} s to stop with only idle clients"
+    assert "drain timeout" not in proxy.log_text()
+
+
+def test_readyz_is_503_while_draining_and_the_response_in_flight_is_the_connections_last(start_proxy, upstream):
+    admin_port = _free_port()
+    upstream.script = Stream(events=openai_chat_events(tokens(19)), interval=0.1)  # 2 s
+    proxy = start_proxy({**routes_config(upstream.url), "drain_timeout": 10,
+                         "admin_listen": f"tcp:{admin_port}:interface=127.0.0.1"})
+    admin = Admin(admin_port)
+    _wait_serving(admin)
+    tunnel = Tunnel(proxy)
+    try:
+        tunnel.request("POST", "/v1/chat/completions", CHAT)
+        upstream.only()
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.wait_for_log("draining: 1 busy connections")
+        ready = admin.get("/readyz")
+        status, head = tunnel.read_head()
+        body = tunnel.read_until(lambda data: data.endswith(b"0\r\n\r\n"))
+        closed = tunnel.recv() == b""  # the connection closes after its last response
+    finally:
+        tunnel.close()
+    assert ready.status_code == 503 and ready.json()["checks"]["listener_bound"] is False, ready.text
+    assert status == 200 and b"[DONE]" in body and closed
+    assert proxy.process.wait(10 + 5) == 0

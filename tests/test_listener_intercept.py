@@ -104,7 +104,7 @@ def test_connect_to_an_intercept_entry_is_terminated_with_a_leaf_for_that_host()
 
 def test_inference_entry_is_served_by_the_inference_site() -> None:
     factory, parts = _factory()
-    _connect(factory, b"CONNECT api.openai.com:443 HTTP/1.1\r\n\r\n")
+    _connect(factory, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
     [channel] = parts["inference"].channels
     assert channel.intercepted == ("api.openai.com", 443)
     assert parts["intercept"].channels == []
@@ -112,7 +112,7 @@ def test_inference_entry_is_served_by_the_inference_site() -> None:
 
 def test_a_ca_that_cannot_issue_refuses_before_answering_200() -> None:
     factory, parts = _factory(ca=FakeCA(broken=True))
-    protocol, transport = _connect(factory, b"CONNECT api.github.com:443 HTTP/1.1\r\n\r\n")
+    protocol, transport = _connect(factory, b"CONNECT api.github.com:443 HTTP/1.1\r\nHost: api.github.com:443\r\n\r\n")
     head, _, body = transport.value().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 ") and b"200 Connection Established" not in transport.value()
     assert json.loads(body)["error"] == "intercept_unavailable"
@@ -122,13 +122,13 @@ def test_a_ca_that_cannot_issue_refuses_before_answering_200() -> None:
 
 def test_inference_local_is_checked_before_the_ca_answers_too() -> None:
     factory, _ = _factory(ca=FakeCA(broken=True))
-    _, transport = _connect(factory, b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n")
+    _, transport = _connect(factory, b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 502 ")
 
 
 def test_unlisted_host_is_denied_and_logged_as_a_tunnel_decision() -> None:
     factory, parts = _factory()
-    protocol, transport = _connect(factory, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n")
+    protocol, transport = _connect(factory, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 403 ")
     [record] = parts["decisions"].records
     assert (record.kind, record.host, record.port, record.decision, record.reason, record.status) == (
@@ -139,7 +139,7 @@ def test_unlisted_host_is_denied_and_logged_as_a_tunnel_decision() -> None:
 
 def test_allowed_host_is_dialled_not_intercepted() -> None:
     factory, parts = _factory()
-    protocol, transport = _connect(factory, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+    protocol, transport = _connect(factory, b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n")
     assert protocol.mode is Mode.DIALING and transport.value() == b""
     assert parts["clock"].tcpClients[0][:2] == ("151.101.0.223", 443)
     assert parts["intercept"].channels == []
@@ -147,7 +147,7 @@ def test_allowed_host_is_dialled_not_intercepted() -> None:
 
 def test_mode_only_moves_forward() -> None:
     factory, _ = _factory()
-    protocol, _ = _connect(factory, b"CONNECT api.github.com:443 HTTP/1.1\r\n\r\n")
+    protocol, _ = _connect(factory, b"CONNECT api.github.com:443 HTTP/1.1\r\nHost: api.github.com:443\r\n\r\n")
     try:
         protocol._enter(Mode.HEAD)
     except AssertionError as e:

@@ -157,7 +157,7 @@ POLICY = Policy.parse(
         ("[::1]", 8443, True),
         ("0:0:0:0:0:0:0:1", 8443, True),
         ("::1", 8080, False),
-        ("::ffff:127.0.0.1", 8080, False),
+        ("::ffff:127.0.0.1", 8080, True),  # one address with 127.0.0.1
         ("a..b", 443, False),
         ("", 443, False),
     ],
@@ -311,7 +311,8 @@ def _ips(*addresses: str) -> list[IPAddress]:
         (_ips("fd00::1"), 9, (ip_address("fd00::1"), None)),
         (_ips("10.0.0.5"), 9090, (None, "private")),  # listed, but for another port
         (_ips("10.0.0.5", "10.0.0.6"), 8080, (None, "private")),  # the second is not listed
-        (_ips("::ffff:10.0.0.5"), 8080, (None, "private")),  # only the exact address is exempt
+        (_ips("::ffff:10.0.0.5"), 8080, (ip_address("::ffff:10.0.0.5"), None)),  # one address with 10.0.0.5
+        (_ips("::ffff:10.0.0.6"), 8080, (None, "private")),
         ([], 443, (None, "no addresses")),
     ],
 )
@@ -326,4 +327,44 @@ def test_names_ip_only_for_ip_literal_entries() -> None:
     assert not policy.names_ip(IPv4Address("10.0.0.5"), 80)
     assert not policy.names_ip(IPv4Address("10.0.0.6"), 8080)
     assert policy.names_ip(IPv6Address("fd00::1"), 1)
-    assert not policy.names_ip(IPv6Address("::ffff:10.0.0.5"), 8080)
+    assert policy.names_ip(IPv6Address("::ffff:10.0.0.5"), 8080)  # an IPv4 address and its ::ffff: form are one
+    assert not policy.names_ip(IPv6Address("::ffff:10.0.0.5"), 80)
+
+
+# --- this host's addresses, metadata services, more IPv4 embeddings -----------------------
+
+OWN = frozenset(_ips("203.0.113.7", "2001:db8::7"))
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("203.0.113.7", "this-host"),
+    ("2001:db8::7", "this-host"),
+    ("::ffff:203.0.113.7", "this-host"),  # mapped: judged by the IPv4 address
+    ("203.0.113.8", None),
+    ("168.63.129.16", "metadata"),  # Azure WireServer
+    ("192.0.0.192", "metadata"),  # Oracle Cloud metadata
+    ("::ffff:168.63.129.16", "metadata"),
+    ("::ffff:0:127.0.0.1", "loopback"),  # IPv4-translated (::ffff:0:0:0/96)
+    ("::ffff:0:a9fe:a9fe", "link-local"),  # 169.254.169.254, translated
+    ("::ffff:0:808:808", None),
+    # Teredo: the client's IPv4 address is the low 32 bits, inverted
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # client 127.0.0.1
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffd", "private"),  # client 10.0.0.2
+    ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),  # client 8.8.8.8
+])
+def test_internal_reason_with_own_addresses(address: str, reason: str | None) -> None:
+    assert internal_reason(ip_address(address), OWN) == reason
+
+
+def test_own_address_is_internal_on_every_port_unless_listed_literally() -> None:
+    policy = Policy.parse(["allowed.example:*", "203.0.113.7:8443"])
+    for port in (22, 3128, 9090):
+        assert check_resolved(policy, _ips("203.0.113.7"), port, own=OWN) == (None, "this-host")
+    assert check_resolved(policy, _ips("203.0.113.7"), 8443, own=OWN) == (ip_address("203.0.113.7"), None)
+    assert check_resolved(policy, _ips("203.0.113.7"), 22) == (ip_address("203.0.113.7"), None)  # not ours
+
+
+def test_an_ipv4_mapped_entry_exempts_the_ipv4_address() -> None:
+    policy = Policy.parse(["[::ffff:10.0.0.5]:8080"])
+    assert policy.names_ip(IPv4Address("10.0.0.5"), 8080)
+    assert check_resolved(policy, _ips("10.0.0.5"), 8080) == (ip_address("10.0.0.5"), None)

@@ -85,15 +85,15 @@ def test_connect_inference_local_is_intercepted(factory: ProxyFactory, site: Rec
     protocol.dataReceived(b"CONNECT Inference.Local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
     assert transport.value() == b"HTTP/1.1 200 Connection Established\r\n\r\n"
     assert transport.tls == "tls-options-for-inference.local"
-    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
-    assert site.received == b"GET /v1/models HTTP/1.1\r\n"
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    assert site.received == b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
     protocol.connectionLost(Failure(ConnectionDone()))
     assert site.lost and factory.active == 0
 
 
 def test_tls_handshake_must_finish_in_time(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
     clock.advance(2.9)
     assert not transport.disconnecting
     clock.advance(0.2)
@@ -102,7 +102,7 @@ def test_tls_handshake_must_finish_in_time(factory: ProxyFactory, clock: MemoryR
 
 def test_completed_handshake_cancels_its_timer(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n")
     protocol.handshakeCompleted()
     clock.advance(100)
     assert not transport.disconnecting
@@ -111,16 +111,16 @@ def test_completed_handshake_cancels_its_timer(factory: ProxyFactory, clock: Mem
 @pytest.mark.parametrize(
     "head, status, error, detail",
     [
-        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", 403, "policy_denied", "CONNECT example.com:443 not permitted by policy"),
-        (b"CONNECT inference.local:80 HTTP/1.1\r\n\r\n", 403, "policy_denied", "CONNECT inference.local:80 not permitted by policy"),
-        (b"GET https://example.com/ HTTP/1.1\r\n\r\n", 400, "bad_request", "use CONNECT for https:// URLs"),
-        (b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request", None),
-        (b"CONNECT example.com HTTP/1.1\r\n\r\n", 400, "bad_request", "CONNECT target must be host:port"),
-        (b"CONNECT example.com:99999 HTTP/1.1\r\n\r\n", 400, "bad_request", None),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 403, "policy_denied", "CONNECT example.com:443 not permitted by policy"),
+        (b"CONNECT inference.local:80 HTTP/1.1\r\nHost: inference.local:80\r\n\r\n", 403, "policy_denied", "CONNECT inference.local:80 not permitted by policy"),
+        (b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", 400, "bad_request", "use CONNECT for https:// URLs"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", None),
+        (b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", 400, "bad_request", "CONNECT target must be host:port"),
+        (b"CONNECT example.com:99999 HTTP/1.1\r\nHost: example.com:99999\r\n\r\n", 400, "bad_request", None),
         (b"CONNECT exa mple.com:443 HTTP/1.1\r\n\r\n", 400, "bad_request", None),
         (b"CONNECT a_b.com:443 HTTP/2.0\r\n\r\n", 400, "bad_request", None),
-        (b"CONNECT example.com:443 HTTP/1.1\r\nBad Header: x\r\n\r\n", 400, "bad_request", None),
-        (b"CONNECT example.com:443 HTTP/1.1\r\nX: a\rb\r\n\r\n", 400, "bad_request", None),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nBad Header: x\r\n\r\n", 400, "bad_request", None),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nX: a\rb\r\n\r\n", 400, "bad_request", None),
     ],
 )
 def test_refusals_are_json_and_close(factory: ProxyFactory, site: RecordingSite, head: bytes, status: int,
@@ -136,12 +136,12 @@ def test_refusals_are_json_and_close(factory: ProxyFactory, site: RecordingSite,
 
 def test_head_arriving_in_pieces_is_assembled(factory: ProxyFactory) -> None:
     protocol, transport = _connect(factory)
-    for byte in b"CONNECT inference.local:443 HTTP/1.1\r\n\r\n":
+    for byte in b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n\r\n":
         protocol.dataReceived(bytes([byte]))
     assert transport.value().startswith(b"HTTP/1.1 200 ")
 
 
-@pytest.mark.parametrize("head", [b"CONNECT x:443 HTTP/1.1\r\nA: " + b"a" * 600, b"CONNECT x:443 HTTP/1.1\r\nA: " + b"a" * 500 + b"\r\n\r\n"])
+@pytest.mark.parametrize("head", [b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\nA: " + b"a" * 600, b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\nA: " + b"a" * 500 + b"\r\n\r\n"])
 def test_oversized_head_is_431(factory: ProxyFactory, head: bytes) -> None:
     protocol, transport = _connect(factory)
     protocol.dataReceived(head)
@@ -150,7 +150,7 @@ def test_oversized_head_is_431(factory: ProxyFactory, head: bytes) -> None:
 
 def test_slow_head_times_out_with_408(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n")
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n")
     clock.advance(4.9)
     assert transport.value() == b""
     clock.advance(0.2)
@@ -195,7 +195,7 @@ def test_absolute_http_request_goes_to_the_forward_channel_whole(factory: ProxyF
 
 def test_allowed_connect_dials_then_answers_200_and_splices(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n\x16\x03\x01early")
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n\x16\x03\x01early")
     assert transport.value() == b""  # nothing promised before the destination answers
     assert transport.producerState == "paused"
     host, port, upstream_factory, timeout, _ = clock.tcpClients[0]
@@ -213,7 +213,7 @@ def test_allowed_connect_dials_then_answers_200_and_splices(factory: ProxyFactor
 
 def test_client_leaving_while_dialling_cancels_the_dial(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, _ = _connect(factory)
-    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n")
     protocol.connectionLost(Failure(ConnectionDone()))
     assert clock.connectors[0].stoppedConnecting
     assert factory.active == 0
@@ -221,14 +221,14 @@ def test_client_leaving_while_dialling_cancels_the_dial(factory: ProxyFactory, c
 
 def test_unreachable_destination_is_502_json(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT allowed.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n")
     clock.tcpClients[0][2].clientConnectionFailed(clock.connectors[0], Failure(ConnectionRefusedError()))
     assert _refusal(transport) == (502, {"error": "upstream_unreachable", "detail": "cannot connect to the destination"})
 
 
 def test_refused_connect_leaves_nothing_busy(factory: ProxyFactory) -> None:
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT denied.example:443 HTTP/1.1\r\n\r\n")
+    protocol.dataReceived(b"CONNECT denied.example:443 HTTP/1.1\r\nHost: denied.example:443\r\n\r\n")
     assert _refusal(transport)[0] == 403
     assert not protocol.busy()
 
@@ -237,6 +237,6 @@ def test_too_many_header_fields_in_the_first_head_is_431(clock: MemoryReactorClo
     egress = Egress(clock, clock, FakeResolver({}), Policy.parse([]), connect_timeout=4)
     factory = ProxyFactory(FakeCA(), site, site, egress, Limits(max_headers=3), Timeouts(), clock, intercept_site=site)
     protocol, transport = _connect(factory)
-    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n")
+    protocol.dataReceived(b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n")
     assert _refusal(transport) == (431, {"error": "headers_too_large",
                                          "detail": "request head has too many header fields"})

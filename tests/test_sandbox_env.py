@@ -175,8 +175,11 @@ def test_variables_point_at_proxy_bundle_and_ca(tmp_path):
         "no_proxy": "localhost,127.0.0.1,::1",
         **dict.fromkeys(BUNDLE_VARIABLES, str(ca_dir / "bundle.pem")),
         "NODE_EXTRA_CA_CERTS": str(ca_dir / "ca.pem"),
+        # Node's built-in fetch ignores HTTPS_PROXY without it
+        "NODE_USE_ENV_PROXY": "1",
     }
-    assert list(env.variables) == [*PROXY_VARIABLES, "NO_PROXY", "no_proxy", *BUNDLE_VARIABLES, "NODE_EXTRA_CA_CERTS"]
+    assert list(env.variables) == [*PROXY_VARIABLES, "NO_PROXY", "no_proxy", *BUNDLE_VARIABLES, "NODE_EXTRA_CA_CERTS",
+                                   "NODE_USE_ENV_PROXY"]
 
 
 def test_bundle_holds_system_store_then_ca(tmp_path):
@@ -267,6 +270,7 @@ def test_command_proxy_url_and_ca_dir_override_the_config(tmp_path, capsys, monk
     lines = capsys.readouterr().out.splitlines()
     assert "export HTTPS_PROXY=http://10.0.0.1:3128" in lines
     assert f"export NODE_EXTRA_CA_CERTS={tmp_path / 'other' / 'ca.pem'}" in lines
+    assert "export NODE_USE_ENV_PROXY=1" in lines  # Node's fetch ignores HTTPS_PROXY without it
     assert (tmp_path / "other" / "bundle.pem").is_file() and not (tmp_path / "ca").exists()
 
 

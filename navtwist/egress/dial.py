@@ -8,7 +8,7 @@ answer can never move the connection somewhere else (no rebinding window).
 from __future__ import annotations
 
 import ipaddress
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from navtwist.outcome import Refusal
-from navtwist.egress.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
+from navtwist.egress.host_addresses import HostAddresses
+from navtwist.egress.policy import IPAddress, Policy, check_resolved, is_localhost_name, normalize_host, parse_ip
 from navtwist.intercept.rules import InterceptEntry
 
 
@@ -62,12 +63,16 @@ class Egress:
         resolver: IHostnameResolver,
         policy: Policy[InterceptEntry],
         connect_timeout: float,
+        own_addresses: Callable[[], frozenset[IPAddress]] | None = None,
     ) -> None:
+        """C{own_addresses} gives this host's interface addresses, asked at each
+        check (by default read from the kernel, at most once a second)."""
         self._reactor = reactor
         self._clock = clock
         self._resolver = resolver
         self.policy = policy
         self._connect_timeout = connect_timeout
+        self._own_addresses = own_addresses if own_addresses is not None else HostAddresses(clock)
 
     def destination(self, host: str, port: int, label: str, intercepted: bool = False) -> Deferred[IPAddress]:
         """The one address to dial for C{host:port}, or an L{Refusal} failure.
@@ -87,6 +92,9 @@ class Egress:
         if literal is not None:
             # The entry that permitted it names this IP literally: that is the exemption.
             return succeed(literal)
+        if is_localhost_name(name):
+            # Never resolved: a DNS server's answer must not take a loopback name off loopback.
+            return fail(Refusal(403, "ssrf_denied", f"{name} is a loopback name"))
         receiver = _Addresses()
         self._resolver.resolveHostName(receiver, name, port)
         deadline = self._clock.callLater(self._connect_timeout, receiver.done.cancel)
@@ -97,7 +105,7 @@ class Egress:
     def _checked(self, addresses: list[IPAddress], name: str, port: int, intercepted: bool) -> IPAddress:
         if not addresses:
             raise Refusal(502, "upstream_unreachable", f"cannot resolve {name}")
-        address, reason = check_resolved(self.policy, addresses, port, intercepted)
+        address, reason = check_resolved(self.policy, addresses, port, intercepted, self._own_addresses())
         if address is None:
             raise Refusal(403, "ssrf_denied", f"{name} resolves to a {reason} address")
         return address

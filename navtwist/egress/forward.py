@@ -30,7 +30,8 @@ from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import head_too_large
 
-_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
+# Content-Length too: the Agent sets it from the body it sends (a second one makes strict origins refuse).
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"host", b"proxy-authorization", b"proxy-connection"}
 
 
 def write_refusal(request: Request, status: int, error: str, detail: str) -> None:
@@ -40,11 +41,16 @@ def write_refusal(request: Request, status: int, error: str, detail: str) -> Non
 
 def forwarded_headers(client: Headers, authority: bytes, also_dropped: frozenset[bytes] = frozenset()) -> Headers:
     """The client's headers minus hop-by-hop and proxy ones (and C{also_dropped});
-    Host naming C{authority}, the destination that was checked."""
+    Host naming C{authority}, the destination that was checked.
+
+    Names with C{_} are dropped too (as nginx does): an origin that reads
+    C{Transfer_Encoding} as C{Transfer-Encoding} would see a second framing.
+    """
     dropped = set(_NOT_FORWARDED) | also_dropped
     for value in client.getRawHeaders(b"connection", []):
         dropped.update(token.strip().lower() for token in value.split(b","))
-    out = Headers({name: values for name, values in client.getAllRawHeaders() if name.lower() not in dropped})
+    out = Headers({name: values for name, values in client.getAllRawHeaders()
+                   if name.lower() not in dropped and b"_" not in name})
     out.setRawHeaders(b"host", [authority])
     return out
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Generic, Protocol, Sequence, TypeVar
+from typing import Collection, Generic, Protocol, Sequence, TypeVar
 
 # A dependency of hyperlink, which Twisted requires.  Unlike the stdlib
 # "idna" codec (IDNA 2003) it implements IDNA 2008 with UTS 46 mapping, as
@@ -125,7 +125,8 @@ class AllowRule:
             return False
         ip = parse_ip(host)
         if self.ip is not None or ip is not None:
-            return ip == self.ip
+            # An IPv4 address and its ::ffff: form are one address.
+            return ip is not None and self.ip is not None and unmapped(ip) == unmapped(self.ip)
         if self.wildcard:
             # One or more whole labels before the suffix, never the bare suffix.
             return host.endswith("." + self.host)
@@ -194,7 +195,7 @@ class Policy(Generic[_Entry]):
         if intercepted:
             name = canonical_host(ip.compressed)
             return any(entry.ip is not None and entry.matches(name, port) for entry in self.intercept)
-        # Only IP-literal entries can match a host that is an address.
+        # Only IP-literal entries can match a host that is an address (mapped or not: see AllowRule.matches).
         return self.allows(ip.compressed, port)
 
     def intercept_for(self, host: str, port: int) -> _Entry | None:
@@ -202,6 +203,20 @@ class Policy(Generic[_Entry]):
         client wrote it, on C{port}, or None.  Config validation keeps the
         intercepted and the allowed hosts apart; ask this before L{allows}."""
         return find_entry(self.intercept, host, port)
+
+
+def unmapped(ip: IPAddress) -> IPAddress:
+    """C{ip}, or the IPv4 address an IPv4-mapped IPv6 address (C{::ffff:1.2.3.4}) stands for."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_localhost_name(name: str) -> bool:
+    """A name under C{localhost} (RFC 6761 6.3): loopback by definition, whatever a
+    DNS server would answer for it; C{name} is normalised.  C{localhost} itself is
+    resolved (from the hosts file) and checked like any name."""
+    return name.endswith(".localhost")
 
 
 def canonical_host(host: str) -> str:
@@ -212,9 +227,7 @@ def canonical_host(host: str) -> str:
     """
     name = normalize_host(host)
     ip = parse_ip(name)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.compressed
-    return name
+    return name if ip is None else unmapped(ip).compressed
 
 
 _Target = TypeVar("_Target", bound=InterceptTarget)
@@ -282,8 +295,10 @@ _INTERNAL_V4 = _networks(
     ("10.0.0.0/8", "private"),
     ("100.64.0.0/10", "cgnat"),
     ("127.0.0.0/8", "loopback"),
+    ("168.63.129.16/32", "metadata"),  # Azure WireServer
     ("169.254.0.0/16", "link-local"),  # incl. 169.254.169.254, cloud metadata
     ("172.16.0.0/12", "private"),
+    ("192.0.0.192/32", "metadata"),  # Oracle Cloud metadata
     ("192.168.0.0/16", "private"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved"),  # incl. 255.255.255.255, broadcast
@@ -296,42 +311,50 @@ _INTERNAL_V6 = _networks(
     ("fec0::/10", "reserved"),  # deprecated site-local
     ("ff00::/8", "multicast"),
 )
-# IPv4-mapped, IPv4-compatible and NAT64: the IPv4 address is the low 32 bits.
-_EMBED_LOW_32 = tuple(ipaddress.IPv6Network(n) for n in ("::ffff:0:0/96", "::/96", "64:ff9b::/96"))
+# IPv4-mapped, IPv4-translated, IPv4-compatible and NAT64: the IPv4 address is the low 32 bits.
+_EMBED_LOW_32 = tuple(ipaddress.IPv6Network(n) for n in ("::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96"))
 
 
-def internal_reason(ip: IPAddress) -> str | None:
+def internal_reason(ip: IPAddress, own: Collection[IPAddress] = ()) -> str | None:
     """Why C{ip} must not be dialled unless listed literally ("loopback",
-    "private", "link-local", "cgnat", "multicast", "unspecified",
-    "reserved"), or None for a public address.
+    "private", "link-local", "cgnat", "metadata", "multicast", "unspecified",
+    "reserved", or "this-host": one of C{own}, this host's interface
+    addresses), or None for a public address.
 
-    An IPv6 address embedding an IPv4 one (mapped, compatible, NAT64, 6to4)
-    is judged by the IPv4 address, which is where it leads.
+    An IPv6 address embedding an IPv4 one (mapped, translated, compatible,
+    NAT64, 6to4, Teredo's client) is judged by the IPv4 address, which is
+    where it leads.
     """
     for network, reason in _INTERNAL_V4 if ip.version == 4 else _INTERNAL_V6:
         if ip in network:
             return reason
+    if ip in own:
+        return "this-host"
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.sixtofour
+        if embedded is None and ip.teredo is not None:
+            embedded = ip.teredo[1]  # the client: the low 32 bits, inverted
         if embedded is None and any(ip in network for network in _EMBED_LOW_32):
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
         if embedded is not None:
-            return internal_reason(embedded)
+            return internal_reason(embedded, own)
     return None
 
 
 def check_resolved(
-    policy: Policy, addresses: Sequence[IPAddress], port: int, intercepted: bool = False
+    policy: Policy, addresses: Sequence[IPAddress], port: int, intercepted: bool = False,
+    own: Collection[IPAddress] = (),
 ) -> tuple[IPAddress | None, str | None]:
     """The address to dial for an allowed name, or None and why not.
 
     One internal address in the answer refuses the whole name, so a DNS
     answer mixing public and internal addresses (rebinding) gets nowhere;
-    internal addresses the policy lists literally are exempt.  The caller
+    internal addresses the policy lists literally are exempt.  C{own} are this
+    host's addresses (internal on every port, like loopback).  The caller
     dials exactly the address returned.  An empty answer gives "no addresses".
     """
     for address in addresses:
-        reason = internal_reason(address)
+        reason = internal_reason(address, own)
         if reason is not None and not policy.names_ip(address, port, intercepted):
             return None, reason
     if not addresses:

@@ -6,7 +6,7 @@ module closes the gaps a security boundary cannot leave open, and makes every
 refusal a complete JSON response followed by a close:
 
 - the header rules of L{navtwist.http.head} (obs-fold, names, control characters,
-  Content-Length syntax, Transfer-Encoding other than chunked), shared with
+  Content-Length syntax, Transfer-Encoding other than chunked, one Host), shared with
   the proxy's first-head parser so that both read a head the same way;
 - chunk sizes over 16 hex digits and malformed trailer lines;
 - the head size and header count (431), including a line that never ends;
@@ -32,7 +32,7 @@ from navtwist.config import Limits, Timeouts
 from navtwist.decisions import DecisionRecord
 from navtwist.egress.tunnel import Splice
 from navtwist.interfaces import IStreamTransport
-from navtwist.http.head import BadHead, check_framing_header, check_not_folded, parse_header_line
+from navtwist.http.head import BadHead, check_framing_header, check_host_count, check_not_folded, parse_header_line
 from navtwist.outcome import Refusal
 
 # 16 hex digits are 64 bits: a longer chunk size overflows other parsers.
@@ -181,6 +181,11 @@ class HardenedChannel(ChannelHooks):
 
     def allHeadersReceived(self) -> None:
         self._stop_head_deadline()
+        try:
+            check_host_count(len(self.requests[-1].requestHeaders.getRawHeaders(b"host", [])), self.request_version)
+        except BadHead as e:
+            self.refuse(bad_request(str(e)))
+            return
         self.use_chunked_decoder(_StrictChunkedDecoder)
         super().allHeadersReceived()
 

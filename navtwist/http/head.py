@@ -56,6 +56,7 @@ def parse_head(head: bytes) -> ProxyHead:
         name, value = parse_header_line(line)
         check_framing_header(name, value, version)
         headers.append((name, value))
+    check_host_count(sum(1 for name, _ in headers if name == b"host"), version)
     lengths = [value for name, value in headers if name == b"content-length"]
     codings = [value for name, value in headers if name == b"transfer-encoding"]
     if len(lengths) > 1 or len(codings) > 1:
@@ -135,6 +136,19 @@ def check_framing_header(name: bytes, value: bytes, version: bytes) -> None:
             raise BadHead("the only Transfer-Encoding accepted is chunked")
         if version != b"HTTP/1.1":
             raise BadHead("Transfer-Encoding requires HTTP/1.1")
+
+
+def check_host_count(count: int, version: bytes) -> None:
+    """RFC 9112 3.2: at most one Host header, and exactly one in HTTP/1.1.
+
+    Two Host headers are read as different targets by different parsers.
+
+    @raise BadHead: C{count} Host headers are refused.
+    """
+    if count > 1:
+        raise BadHead("more than one Host header")
+    if count == 0 and version == b"HTTP/1.1":
+        raise BadHead("an HTTP/1.1 request must have a Host header")
 
 
 def parse_authority(target: bytes) -> tuple[str, int]:

@@ -1,8 +1,9 @@
 """Graceful stop: let in-flight requests, streams and tunnels finish, within a deadline.
 
 On SIGTERM twistd stops the services: the listener stops accepting, idle
-connections are closed at once (and connections that become idle while
-draining, as soon as they do), and the stop waits until nothing is busy or
+connections are closed at once (inside intercepted TLS too; and connections
+that become idle while draining, as soon as they do), responses in flight are
+their connection's last, and the stop waits until nothing is busy or
 C{timeout} seconds have passed, then aborts what is left.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import signal
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -31,6 +32,8 @@ class DrainService(service.Service):
         self._timeout = timeout
         self._handle_sigterm = handle_sigterm
         self._stop_requested = False
+        self._drained = False
+        self._waiting: list[Deferred[None]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -48,6 +51,15 @@ class DrainService(service.Service):
         if not self._stop_requested:
             self._stop_requested = True
             self._clock.stop()
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires once a stop has drained: for what must outlive the drain (the
+        admin endpoint, whose /readyz answers 503 meanwhile)."""
+        if self._drained:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -77,12 +89,18 @@ class DrainService(service.Service):
         if not protocols or (self._aborted and self._clock.seconds() >= self._deadline + 1):
             log.info("drained" if not protocols else "drain: giving up on {n} connections", n=len(protocols))
             self._loop.stop()
+            self._drained = True
             self._done.callback(None)
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(None)
             return
         if self._clock.seconds() < self._deadline:
             for protocol in protocols:
-                if not protocol.busy() and not protocol.transport.disconnecting:
-                    protocol.transport.loseConnection()
+                if protocol.busy():
+                    protocol.close_after_response()
+                elif not protocol.transport.disconnecting:
+                    protocol.close_idle()
         elif not self._aborted:
             self._aborted = True
             log.warn("drain timeout: closing {n} busy connections", n=len(protocols))

@@ -30,6 +30,9 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "AL
 NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
 BUNDLE_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 CA_VARIABLES = ("NODE_EXTRA_CA_CERTS",)
+# Node's built-in fetch (which the Node SDKs use) ignores the proxy variables unless
+# this is set; Node 24 and 22.21 honour it, older Node ignores it (README: "Node").
+NODE_PROXY_VARIABLES = ("NODE_USE_ENV_PROXY",)
 # Tried after Python's own idea of the system store and certifi.
 COMMON_SYSTEM_STORES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 
@@ -122,6 +125,7 @@ def sandbox_variables(proxy_url: str, bundle: Path, ca: Path) -> dict[str, str]:
         (NO_PROXY_VARIABLES, NO_PROXY),
         (BUNDLE_VARIABLES, str(bundle)),
         (CA_VARIABLES, str(ca)),
+        (NODE_PROXY_VARIABLES, "1"),
     )
     return {name: value for names, value in groups for name in names}
 

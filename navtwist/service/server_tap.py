@@ -100,6 +100,27 @@ class _UpstreamPoolService(service.Service):
         return self._clients.close()
 
 
+class _AfterDrain(service.Service):
+    """Runs C{inner} and stops it only once the drain is over, so that the admin
+    endpoint answers (/readyz: 503) until the end and load balancers stop sending."""
+
+    def __init__(self, inner: service.Service, drain: DrainService) -> None:
+        self._inner = inner
+        self._drain = drain
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._inner.privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        self._inner.startService()
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        return self._drain.when_drained().addCallback(lambda _: self._inner.stopService())
+
+
 def extensions(config: Config, metrics: Metrics) -> Extensions:
     """The plugins C{config} enables (their names were checked when it was loaded)."""
     hooks, observers = select(config.plugins)
@@ -170,7 +191,8 @@ def make_service(
 
     top = service.MultiService()
     Listener("listen", with_backlog(config.listen), factory, reactor, "navtwist").setServiceParent(top)
-    DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
+    drain = DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm)
+    drain.setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     _UpstreamPoolService(origins).setServiceParent(top)
     if config.admin_listen is not None:
@@ -183,7 +205,7 @@ def make_service(
             }
 
         admin = make_admin_site(metrics, readiness, reactor)
-        Listener("admin_listen", config.admin_listen, admin, reactor, "navtwist admin").setServiceParent(top)
+        _AfterDrain(Listener("admin_listen", config.admin_listen, admin, reactor, "navtwist admin"), drain).setServiceParent(top)
     if reload is not None:
 
         def apply(new: Config) -> None:
