@@ -86,11 +86,11 @@ def _requests(events: list[dict]) -> list[dict]:
 
 def test_upstream_error_status_is_its_own_outcome_counted_and_no_first_token(
         harness: Harness, metrics: Metrics, logs: list[dict]) -> None:
-    harness.send("POST", "/v1/chat/completions", json.dumps({"model": "m"}).encode())
-    response = FakeResponse(500, {b"content-type": [b"application/json"]})
+    harness.send("POST", "/v1/chat/completions", CHAT)
+    response = FakeResponse(500)  # an error answered as an event stream whose event looks like content
     harness.clock.advance(0.5)
     harness.agent.calls[0].deferred.callback(response)
-    response.send(b'{"choices":[{"message":{"content":"overloaded"}}],"usage":{"prompt_tokens":1}}')
+    response.send(b'data: {"choices":[{"delta":{"content":"overloaded"}}]}\n\n')
     response.end()
     [record] = metrics.records
     assert (record["status"], record["outcome"], record["detail"]) == (500, "upstream_status", "upstream_status")

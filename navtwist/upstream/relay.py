@@ -85,9 +85,7 @@ class ResponseRelay(Protocol):
         if self._redactor is not None:
             data = self._redactor.feed(data)
         self._at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
-        self._request.write(data)
-        if self._on_chunk is not None:
-            self._on_chunk(data)  # after the write: observers never delay a chunk
+        self._deliver(data)
         if not self._paused:
             self._arm_idle()
 
@@ -100,7 +98,7 @@ class ResponseRelay(Protocol):
         self._request.unregisterProducer()
         if self._outcome is None and reason.check(ResponseDone, PotentialDataLoss):
             if self._redactor is not None:
-                self._request.write(self._redactor.flush())
+                self._deliver(self._redactor.flush())
             self._request.finish()
             self._done(Outcome.OK)
             return
@@ -117,6 +115,11 @@ class ResponseRelay(Protocol):
             # body without its terminator.
             self._request.transport.abortConnection()
         self._done(outcome)
+
+    def _deliver(self, data: bytes) -> None:
+        self._request.write(data)
+        if self._on_chunk is not None and data:
+            self._on_chunk(data)  # after the write: observers never delay a chunk
 
     # -- client side: driven by the client's HTTP channel
 
