@@ -54,6 +54,55 @@ class TunnelMetrics(typing.Protocol):
 
     def tunnel_bytes(self, up: int, down: int) -> None: ...
 
+class HandshakeFailures:
+    """Failed TLS handshakes with clients, logged without flooding.
+
+    The usual cause is a sandbox that does not trust navtwist's CA, and such a
+    client fails every connection: the first failure is one warning line
+    (the SNI and the reason), later ones within C{interval} seconds are
+    counted and reported as one line when it ends.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._quiet_until = 0.0
+        self._suppressed = 0
+        self._last = ("", "")
+        self._flush_call: IDelayedCall | None = None
+
+    def report(self, sni: str, reason: str) -> None:
+        now = self._clock.seconds()
+        if now < self._quiet_until:
+            self._suppressed += 1
+            self._last = (sni, reason)
+            if self._flush_call is None:
+                self._flush_call = self._clock.callLater(self._quiet_until - now, self._flush)
+            return
+        log.warn("TLS handshake with a client failed for {sni}: {reason} (does the client trust navtwist's CA?)",
+                 sni=sni, reason=reason)
+        self._quiet_until = now + self._interval
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        count, self._suppressed = self._suppressed, 0
+        sni, reason = self._last
+        log.warn("TLS handshake with a client failed {count} more times in {interval:g} s, last for {sni}: {reason}",
+                 count=count, interval=self._interval, sni=sni, reason=reason)
+        self._quiet_until = self._clock.seconds() + self._interval
+
+
+def handshake_failure_reason(reason: Failure) -> str:
+    """Why a client's TLS handshake failed: OpenSSL's reason texts (C{tlsv1 alert unknown ca}
+    is a client that does not trust the CA), or how the connection ended."""
+    error = reason.value
+    entries = error.args[0] if error is not None and type(error).__module__.startswith("OpenSSL") and error.args else None
+    texts = [e[2] for e in entries if isinstance(e, tuple) and len(e) == 3 and e[2]] if isinstance(entries, list) else []
+    if texts:
+        return ", ".join(texts)
+    return "the client closed the connection during the handshake"
+
+
 INFERENCE_HOST = "inference.local"
 INFERENCE_PORT = 443
 
@@ -105,6 +154,7 @@ class ProxyProtocol(Protocol):
         self._head_call: IDelayedCall | None = None
         self._tls_call: IDelayedCall | None = None
         self._tls = False  # our own TLS was started (intercepted)
+        self._handshaking: str | None = None  # the CONNECT host while our TLS handshake is under way
         self._counted = False
         self._decision: DecisionRecord | None = None  # a tunnel's, written when it ends
         self._tunnel_started = 0.0
@@ -216,6 +266,7 @@ class ProxyProtocol(Protocol):
         self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self.transport.startTLS(options)
         self._tls = True
+        self._handshaking = host
         self._tls_call = factory.clock.callLater(factory.timeouts.tls_handshake, self._tls_timed_out)
         inner = site.buildProtocol(self.transport.getPeer())
         # The origin a request inside this TLS is for (the CONNECT's authority, not its Host header).
@@ -359,6 +410,20 @@ class ProxyProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)
         self._tls_call = None
+        self._handshaking = None
+
+    def _handshake_failed(self, reason: str) -> None:
+        """Report a client's failed handshake once, naming the SNI it sent (else the CONNECT host)."""
+        host, self._handshaking = self._handshaking, None
+        if host is None:
+            return
+        get_handle = getattr(self.transport, "getHandle", None)
+        try:
+            sni = get_handle().get_servername() if get_handle is not None else None
+        except Exception:
+            sni = None
+        name = sni.decode("ascii", "replace") if isinstance(sni, bytes) else f"{host} (no SNI)"
+        self._factory.handshake_failures.report(name, reason)
 
     def _head_timed_out(self) -> None:
         self._head_call = None
@@ -366,7 +431,7 @@ class ProxyProtocol(Protocol):
 
     def _tls_timed_out(self) -> None:
         self._tls_call = None
-        log.info("TLS handshake timed out")
+        self._handshake_failed("handshake timed out")
         self.transport.abortConnection()
 
     def _refuse(self, status: int, error: str, detail: str) -> None:
@@ -375,6 +440,7 @@ class ProxyProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._handshake_failed(handshake_failure_reason(reason))
         self._cancel(self._head_call)
         self._cancel(self._tls_call)
         if self._counted:
@@ -432,6 +498,7 @@ class ProxyFactory(Factory):
         self.active = 0
         self.draining = False
         self.protocols: set[ProxyProtocol] = set()  # open client connections, for draining
+        self.handshake_failures = HandshakeFailures(clock)
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         return ProxyProtocol(self)

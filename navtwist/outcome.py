@@ -80,10 +80,14 @@ _REFUSAL_CATEGORIES = {
 }
 
 
-def outcome_class(detail: str) -> Outcome:
+def outcome_class(detail: str, status: int | None = None) -> Outcome:
     """The category of a record's C{detail}: an outcome's value or a refusal code
-    (an unknown code is an upstream error)."""
+    (an unknown code is a rejection when its C{status} is a client error, such
+    as a request hook's refusal or a 413, else an upstream error)."""
     try:
         return Outcome(detail).category
     except ValueError:
-        return _REFUSAL_CATEGORIES.get(detail, Outcome.UPSTREAM_ERROR)
+        pass
+    if detail in _REFUSAL_CATEGORIES:
+        return _REFUSAL_CATEGORIES[detail]
+    return Outcome.REJECTED if status is not None and 400 <= status < 500 else Outcome.UPSTREAM_ERROR

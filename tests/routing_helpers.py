@@ -191,7 +191,7 @@ def httpx_through(proxy: Proxy) -> Iterator[httpx.Client]:
 
 # --- the proxy's log and metrics ---------------------------------------------------------
 
-_REQUEST_LINE = re.compile(r"\[navtwist\.exchange#info\] request (?P<fields>.*)$")
+_REQUEST_LINE = re.compile(r"\[navtwist\.exchange#(?:info|warn)\] request (?P<fields>.*)$")  # failures are warnings
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
 

@@ -106,9 +106,12 @@ def test_model_aliases_passthrough_and_unknown_models(start_proxy, make_upstream
     assert "gpt-unknown" in message and "gpt-fast" in message and "llama" in message, message
     assert len(fast.exchanges) == 1 and len(local.exchanges) == 1
 
-    records = wait_for_records(proxy, 2)
-    assert [(r["route"], r["client_model"], r["upstream_model"]) for r in records] == [
+    records = wait_for_records(proxy, 3)
+    assert [(r["route"], r["client_model"], r["upstream_model"]) for r in records[:2]] == [
         ("fast", "gpt-fast", "route-x"), ("local", "llama", "llama")]
+    refused = records[2]  # the unknown model: navtwist's own refusal has its record too
+    assert (refused["status"], refused["detail"], refused["outcome"], refused["client_model"]) == (
+        "404", "model_not_found", "rejected", "gpt-unknown")
 
 
 # --- fallback before the first byte ----------------------------------------------------------

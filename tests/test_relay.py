@@ -195,7 +195,8 @@ def test_unreachable_upstream_is_503_without_internal_details(harness: Harness) 
     harness.agent.calls[0].deferred.errback(Failure(ConnectionRefusedError("10.1.2.3:8443")))
     status, doc = harness.response_json()
     assert status == 503
-    assert doc == {"error": {"message": "inference service unavailable", "type": "api_error", "code": "upstream_unavailable"}}
+    assert doc == {"error": {"message": "inference service unavailable: connection refused", "type": "api_error",
+                             "code": "upstream_unavailable"}}
     assert b"10.1.2.3" not in harness.output() and b"upstream.test" not in harness.output()
 
 

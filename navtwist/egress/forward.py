@@ -25,7 +25,7 @@ from navtwist.outcome import Refusal
 from navtwist.inference.errors import write_json
 from navtwist.egress.policy import IPAddress
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
-from navtwist.upstream.failures import Cause, classify
+from navtwist.upstream.failures import Cause, classify, describe
 from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import head_too_large
@@ -60,12 +60,15 @@ def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     if isinstance(failure.value, Refusal):
         return failure.value  # the egress stage's own words
     cause = classify(failure, timed_out)
+    why = describe(failure, timed_out)
     if cause is Cause.TIMEOUT:
-        return Refusal(504, "upstream_timeout", "the destination did not answer in time")
+        return Refusal(504, "upstream_timeout", f"the destination did not answer in time: {why}")
     if cause is Cause.CONNECT:
-        return Refusal(502, "upstream_unreachable", "cannot connect to the destination")
+        return Refusal(502, "upstream_unreachable", f"cannot connect to the destination: {why}")
     if head_too_large(failure) is not None:
         return Refusal(502, "upstream_error", "the destination's response head exceeds the proxy's limit")
+    if cause is Cause.TLS:
+        return Refusal(502, "upstream_error", f"the destination's TLS was refused: {why}")
     return Refusal(502, "upstream_error", "the destination sent an invalid response")
 
 

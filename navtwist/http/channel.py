@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -34,6 +35,7 @@ from navtwist.egress.tunnel import Splice
 from navtwist.interfaces import IStreamTransport
 from navtwist.http.head import BadHead, check_framing_header, check_host_count, check_not_folded, parse_header_line
 from navtwist.outcome import Refusal
+from navtwist.upstream.exchange import log_request, refusal_record
 
 # 16 hex digits are 64 bits: a longer chunk size overflows other parsers.
 _MAX_CHUNK_SIZE_DIGITS = 16
@@ -138,12 +140,14 @@ class HardenedChannel(ChannelHooks):
         if self.refused:
             return
         self.refused = True
+        self.site.refused(refusal, self._target)
         self._stop_head_deadline()
         # Drop the lines still buffered in this read: a transport may report
         # C{disconnecting} late (TLS does), and they must not be parsed.
         self.discard_buffered_lines()
         if not self.transport.disconnecting:
-            document = self.site.error_document(refusal, self._target)
+            headers = self.requests[-1].requestHeaders if self._target is not None and self.requests else None
+            document = self.site.error_document(refusal, self._target, headers)
             self.transport.write(raw_json_response(refusal.status, document))
         self.setTimeout(None)
         self.loseConnection()
@@ -281,7 +285,13 @@ class HardenedSite(Site):
         channel.headReadTimeout = self.timeouts.head_read
         return channel
 
-    def error_document(self, refusal: Refusal, target: tuple[bytes, bytes] | None) -> dict:
+    def refused(self, refusal: Refusal, target: tuple[bytes, bytes] | None) -> None:
+        """Log a refusal a channel made itself (413, 431, 408, 400) as one request record."""
+        now = self.reactor.seconds()
+        log_request(refusal_record({}, refusal, now, now))
+
+    def error_document(self, refusal: Refusal, target: tuple[bytes, bytes] | None, headers: Headers | None) -> dict:
         """The JSON body of a refusal of the request to C{target} (method, path;
-        None before its request line); this is the proxy's own C{{"error", "detail"}} shape."""
+        None before its request line) with the C{headers} read so far; this is
+        the proxy's own C{{"error", "detail"}} shape."""
         return {"error": refusal.code, "detail": refusal.message}

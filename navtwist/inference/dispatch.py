@@ -7,7 +7,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from navtwist.inference import errors
-from navtwist.inference.protocols import ANTHROPIC_MESSAGES, MODEL_DISCOVERY, detect
+from navtwist.inference.protocols import MODEL_DISCOVERY, detect
 from navtwist.inference.router import InferenceRouter, client_model, parse_body
 
 
@@ -32,16 +32,21 @@ class InferenceDispatcher(Resource):
         super().__init__()
         self._router = router
 
+    @property
+    def router(self) -> InferenceRouter:
+        return self._router
+
     def render(self, request: Request) -> int:
         # Twisted's own Server header names its version; ours names nothing.
         request.responseHeaders.setRawHeaders(b"server", [b"navtwist"])
         protocol = detect(request.method, request.path)
         if protocol is None:
-            errors.write_error(request, None, errors.NOT_INFERENCE)
+            path = request.path.decode("latin-1")
+            self._router.refuse(request, errors.NOT_INFERENCE, fields={"path": _short(path)})
         elif protocol == MODEL_DISCOVERY:
             self._models(request)
         elif not self._router.serves(protocol):
-            errors.write_error(request, protocol, errors.NO_ROUTE)
+            self._router.refuse(request, errors.NO_ROUTE, fields={"protocol": protocol})
         else:
             self._route(request, protocol)
         return NOT_DONE_YET
@@ -53,14 +58,19 @@ class InferenceDispatcher(Resource):
         try:
             document = parse_body(body)
         except ValueError:
-            errors.write_error(request, protocol, errors.INVALID_JSON)
+            self._router.refuse(request, errors.INVALID_JSON, fields={"protocol": protocol})
+            return
+        if body is not None and not isinstance(document, dict):
+            # An array or a scalar: no API takes one, and the route's model cannot be set in it.
+            self._router.refuse(request, errors.NOT_AN_OBJECT, fields={"protocol": protocol})
             return
         requested = client_model(document)
         routes = self._router.candidates(protocol, requested)
         if not routes:
             offered = ", ".join(self._router.model_names()) or "none"
-            errors.write_error(request, protocol, errors.MODEL_NOT_FOUND,
-                               f"model {_short(requested)!r} is not served here (available: {offered})")
+            self._router.refuse(request, errors.MODEL_NOT_FOUND,
+                                f"model {_short(requested)!r} is not served here (available: {offered})",
+                                fields={"protocol": protocol, "client_model": _short(requested)})
             return
         self._router.forward(request, protocol, routes, body, document)
 
@@ -72,8 +82,8 @@ class InferenceDispatcher(Resource):
         if request.path.startswith(prefix):
             name = unquote(request.path[len(prefix):].decode("utf-8", "replace"))
             if name not in names:
-                errors.write_error(request, ANTHROPIC_MESSAGES if anthropic else None, errors.MODEL_NOT_FOUND,
-                                   f"model {_short(name)!r} is not served here")
+                self._router.refuse(request, errors.MODEL_NOT_FOUND, f"model {_short(name)!r} is not served here",
+                                    fields={"protocol": MODEL_DISCOVERY, "client_model": _short(name)})
                 return
             errors.write_json(request, 200, model_object(name, anthropic))
             return

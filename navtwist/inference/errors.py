@@ -10,7 +10,9 @@ import json
 
 from twisted.web.server import Request
 
-from navtwist.inference.protocols import is_anthropic
+from twisted.web.http_headers import Headers
+
+from navtwist.inference.protocols import ANTHROPIC_MESSAGES, OPENAI_RESPONSES, anthropic_client, detect, is_anthropic
 from navtwist.outcome import Refusal
 from navtwist.upstream.failures import Cause
 
@@ -27,6 +29,7 @@ _SDK_TYPES: dict[str, tuple[str, str]] = {
 NOT_INFERENCE = Refusal(403, "policy_denied", "inference.local serves only inference API paths")
 NO_ROUTE = Refusal(400, "no_compatible_route", "no compatible inference route available")
 INVALID_JSON = Refusal(400, "invalid_json", "request body is not valid JSON")
+NOT_AN_OBJECT = Refusal(400, "invalid_json", "request body must be a JSON object")
 MODEL_NOT_FOUND = Refusal(404, "model_not_found", "model not found")
 ROUTE_BUSY = Refusal(429, "route_busy", "too many concurrent requests for this model; retry shortly")
 UPSTREAM_UNAVAILABLE = Refusal(503, "upstream_unavailable", "inference service unavailable")
@@ -54,6 +57,16 @@ def sdk_types(refusal: Refusal) -> tuple[str, str]:
     return kind, kind
 
 
+def refusal_shape(target: tuple[bytes, bytes] | None, headers: Headers | None) -> str | None:
+    """The protocol whose error shape a refusal of the request to C{target}
+    (method, path) takes: Anthropic's for Anthropic clients whatever the path,
+    else the path's, else None (OpenAI's)."""
+    path = target[1] if target is not None else b""
+    if anthropic_client(path, headers is not None and headers.hasHeader(b"anthropic-version")):
+        return ANTHROPIC_MESSAGES
+    return detect(*target) if target is not None else None
+
+
 def error_document(protocol: str | None, refusal: Refusal, message: str | None = None) -> dict:
     """The error object for C{protocol}'s SDK family (OpenAI's when unknown)."""
     text = message or refusal.message
@@ -78,14 +91,26 @@ def write_error(request: Request, protocol: str | None, refusal: Refusal, messag
     write_json(request, refusal.status, error_document(protocol, refusal, message))
 
 
-def stream_error_event(protocol: str, message: str) -> bytes:
-    """One SSE event that tells a streaming client its response was cut short.
+def _event(name: str | None, document: dict) -> bytes:
+    head = b"" if name is None else b"event: " + name.encode("ascii") + b"\n"
+    return head + b"data: " + json.dumps(document).encode("utf-8") + b"\n\n"
 
-    The message goes through json.dumps, so a hostile upstream's text cannot
-    inject extra events.
+
+def stream_error_event(protocol: str, message: str) -> bytes:
+    """The SSE events that tell a streaming client its response was cut short.
+
+    Responses API clients get OpenAI's C{error} event and then
+    C{response.failed} (the Codex CLI reads only the latter, the SDKs surface
+    both); neither carries a C{sequence_number}, as navtwist does not count the
+    upstream's events.  The message goes through json.dumps, so a hostile
+    upstream's text cannot inject extra events.
     """
     if is_anthropic(protocol):
-        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + json.dumps(doc).encode("utf-8") + b"\n\n"
-    doc = {"error": {"message": message, "type": "proxy_stream_error", "code": "stream_truncated"}}
-    return b"data: " + json.dumps(doc).encode("utf-8") + b"\n\n"
+        return _event("error", {"type": "error", "error": {"type": "api_error", "message": message}})
+    if protocol == OPENAI_RESPONSES:
+        error = {"code": "server_error", "message": message}
+        return _event("error", {"type": "error", **error, "param": None}) + _event("response.failed", {
+            "type": "response.failed",
+            "response": {"object": "response", "status": "failed", "error": error, "incomplete_details": None},
+        })
+    return _event(None, {"error": {"message": message, "type": "proxy_stream_error", "code": "stream_truncated"}})

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from navtwist.inference.protocols import (
     ANTHROPIC_MESSAGES,
+    COUNT_TOKENS_PATH,
     MODEL_DISCOVERY,
     OPENAI_CHAT_COMPLETIONS,
     OPENAI_COMPLETIONS,
@@ -490,6 +491,8 @@ class MockAgent:
         if not isinstance(request, dict):
             return self._json(*_invalid_request(protocol, "The request body must be a JSON object."))
         call = _Call(request, int(self._clock.seconds()))
+        if path == COUNT_TOKENS_PATH:
+            return self._json(200, {"input_tokens": call.input_tokens})
         if protocol == OPENAI_EMBEDDINGS:
             return self._embeddings(protocol, call)
         if request.get("stream") is True:

@@ -27,11 +27,15 @@ STREAMING_PROTOCOLS: frozenset[str] = frozenset(
     {OPENAI_CHAT_COMPLETIONS, OPENAI_COMPLETIONS, OPENAI_RESPONSES, ANTHROPIC_MESSAGES}
 )
 
+# Anthropic's token counter (Claude Code calls it): routed like messages, never streamed.
+COUNT_TOKENS_PATH = b"/v1/messages/count_tokens"
+
 _POST_PATHS: dict[bytes, str] = {
     b"/v1/chat/completions": OPENAI_CHAT_COMPLETIONS,
     b"/v1/completions": OPENAI_COMPLETIONS,
     b"/v1/responses": OPENAI_RESPONSES,
     b"/v1/messages": ANTHROPIC_MESSAGES,
+    b"/v1/messages/count_tokens": ANTHROPIC_MESSAGES,
     b"/v1/embeddings": OPENAI_EMBEDDINGS,
 }
 
@@ -52,3 +56,9 @@ def detect(method: bytes, path: bytes) -> str | None:
 def is_anthropic(protocol: str) -> bool:
     """Errors for Anthropic clients use Anthropic's error shape."""
     return protocol == ANTHROPIC_MESSAGES
+
+
+def anthropic_client(path: bytes, anthropic_version: bool) -> bool:
+    """Whether the client that sent a request to C{path} reads Anthropic's error shape:
+    it calls an Anthropic path or sends C{anthropic-version} (every Anthropic SDK does)."""
+    return anthropic_version or path == b"/v1/messages" or path.startswith(b"/v1/messages/")

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -26,16 +26,17 @@ from treq.client import HTTPClient
 from navtwist.compat import set_pool_factory
 from navtwist.inference import errors
 from navtwist.config import Limits, Route
+from navtwist.outcome import Refusal
 from navtwist.interfaces import IProviderProfile, IProxyReactor, IRequestHook, IStreamObserver
 from navtwist.inference.mock import MockAgent
-from navtwist.inference.protocols import STREAMING_PROTOCOLS
+from navtwist.inference.protocols import COUNT_TOKENS_PATH, STREAMING_PROTOCOLS
 from navtwist.inference.providers import get_provider
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import HeadLimits, client_factory, refused_answer
 from navtwist.upstream.decode import DecodeLimits, DecodingAgent
 from navtwist.upstream.endpoints import UpstreamEndpoints
-from navtwist.upstream.exchange import Attempt, Deadlines, Exchange
-from navtwist.upstream.failures import Cause, classify
+from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, log_request, refusal_record
+from navtwist.upstream.failures import Cause, classify, describe
 from navtwist.inference.hooks import InferenceRequest, run_request_hooks
 from navtwist.inference.observe import MetricsListener, MetricsSink, Observation
 
@@ -234,6 +235,21 @@ class InferenceRouter:
                 names[name] = None
         return list(names)
 
+    def refuse(self, request: Request, refusal: Refusal, message: str | None = None,
+               fields: Mapping[str, Any] | None = None) -> None:
+        """Answer C{request} with a refusal navtwist made itself, in its client's error shape."""
+        shape = errors.refusal_shape((request.method, request.path), request.requestHeaders)
+        errors.write_error(request, shape, refusal, message)
+        self.record_refusal(refusal, fields or {})
+
+    def record_refusal(self, refusal: Refusal, fields: Mapping[str, Any]) -> None:
+        """Log and count a refusal navtwist made itself: one request record, like an exchange's."""
+        now = self._clock.seconds()
+        record = refusal_record(fields, refusal, now, now)
+        log_request(record)
+        if self.extensions.metrics is not None:
+            self.extensions.metrics.request_finished(record)
+
     def forward(self, request: Request, protocol: str, routes: Sequence[Route], body: bytes | None, document: object) -> None:
         """Run the request hooks, then send C{request} to the first of C{routes}
         that answers and relay its answer."""
@@ -241,16 +257,19 @@ class InferenceRouter:
         info = InferenceRequest(protocol, routes[0].name, client_model(document), document)
         refusal = run_request_hooks(extensions.hooks, info)
         if refusal is not None:
-            errors.write_error(request, protocol, refusal)
+            self.refuse(request, refusal, fields={"protocol": protocol, "client_model": info.client_model})
             return
-        streaming = isinstance(info.document, dict) and info.document.get("stream") is True
+        streaming = (isinstance(info.document, dict) and info.document.get("stream") is True
+                     and request.path != COUNT_TOKENS_PATH)
+        shape = errors.refusal_shape((request.method, request.path), request.requestHeaders)
 
         def fail(failure: Failure, timed_out: bool) -> str:
             cause = classify(failure, timed_out)
             if cause is Cause.BUSY:
                 request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
             refusal = errors.upstream_refusal(cause)
-            errors.write_error(request, protocol, refusal, refused_answer(failure))
+            named = f"{refusal.message}: {describe(failure, timed_out)}" if cause.is_upstream_error else None
+            errors.write_error(request, shape, refusal, refused_answer(failure) or named)
             return refusal.code
 
         def observe(is_sse: bool) -> Observation:
@@ -291,4 +310,5 @@ class InferenceRouter:
             fallback_on=frozenset(route.fallback_on),
             heartbeat=route.heartbeat,
             gate=self._gates[route],
+            secrets=(route.api_key.encode("utf-8"),) if route.api_key else (),
         )

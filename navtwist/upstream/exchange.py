@@ -22,14 +22,15 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from navtwist.outcome import Outcome, outcome_class
+from navtwist.outcome import Outcome, Refusal, outcome_class
 from navtwist.upstream.connection import refused_answer
-from navtwist.upstream.failures import RouteBusy, UpstreamStatus
+from navtwist.upstream.failures import Cause, RouteBusy, StreamCut, UpstreamStatus, classify, describe
+from navtwist.upstream.redact import Redactor
 from navtwist.upstream.relay import ResponseRelay, client_response_headers
 
 log = Logger(namespace="navtwist.exchange")
@@ -83,6 +84,7 @@ class Attempt:
     fallback_on: frozenset[int] = frozenset()
     heartbeat: float | None = None
     gate: Gate = field(default_factory=OpenGate)
+    secrets: tuple[bytes, ...] = ()  # masked in its error answers' bodies (an upstream may echo its key)
 
 
 class ChunkObserver(typing.Protocol):
@@ -123,6 +125,10 @@ class Event(enum.Enum):
     CLIENT_LEFT = "client_left"
     END = "end"
 
+
+# How a relayed body ends when the upstream cut it short.
+_UPSTREAM_CUTS = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_IDLE, Outcome.UPSTREAM_DECODE_ERROR,
+                            Outcome.UPSTREAM_DECODE_LIMIT})
 
 # Every move an exchange can make; anything else is a bug.
 _TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
@@ -258,7 +264,14 @@ class Exchange:
         self._settled()
         if self._phase is Phase.LEAVING:
             return partial(self._end, Outcome.CLIENT_GONE)
-        log.warn("upstream call failed: {fields} error={error}", fields=attempt.fields, error=refused_answer(failure) or type(failure.value).__name__)
+        fields = {**self._fields, **attempt.fields}
+        refusal = failure.value
+        if isinstance(refusal, Refusal) and classify(failure, self._timed_out) is Cause.REFUSED:
+            log.info("destination refused ({code}): {message} {fields}", code=refusal.code,
+                     message=refusal.message, fields=fields)
+        else:
+            log.warn("upstream call failed: {fields} error={error}", fields=fields,
+                     error=refused_answer(failure) or describe(failure, self._timed_out))
         if self._listener is not None:
             self._listener.attempt_failed(failure, self._timed_out)
         if self._can_fall_back():
@@ -279,6 +292,8 @@ class Exchange:
             return partial(self._next, None)
         self._headers_at = self._clock.seconds()
         self._stop_heartbeat()
+        if response.code >= 400 and self._listener is not None:
+            self._listener.attempt_failed(Failure(UpstreamStatus(response.code)), False)
         if self._phase is Phase.HEARTBEATING and response.code >= 400:
             response.deliverBody(_Discard())
             return partial(self._stream_failed, f"inference service answered HTTP {response.code}")
@@ -307,9 +322,22 @@ class Exchange:
             write_stall_timeout=attempt.deadlines.write_stall,
             done=relayed.callback,
             on_chunk=self._observer.feed if self._observer is not None else None,
+            redactor=self._redactor(response.code, attempt),
         )
         response.deliverBody(self._relay)
-        return relayed.addCallback(lambda outcome: partial(self._end, outcome))
+        return relayed.addCallback(self._relayed)
+
+    @staticmethod
+    def _redactor(status: int, attempt: Attempt) -> Redactor | None:
+        """Error bodies are where upstreams echo keys; successful ones are relayed untouched."""
+        redactor = Redactor(attempt.secrets) if status >= 400 else None
+        return redactor if redactor else None
+
+    def _relayed(self, outcome: Outcome) -> Step:
+        """The body is over: a cut the upstream caused is counted as its failure."""
+        if outcome in _UPSTREAM_CUTS and self._listener is not None:
+            self._listener.attempt_failed(Failure(StreamCut(outcome.value)), False)
+        return partial(self._end, outcome)
 
     def _give_up(self, failure: Failure, timed_out: bool) -> None:
         if self._phase is Phase.HEARTBEATING:
@@ -385,7 +413,7 @@ class Exchange:
             bytes_relayed=0 if self._relay is None else self._relay.bytes_relayed,
             observed=self._observer.summary() if self._observer is not None else {},
         )
-        log.info(" ".join(["request"] + [f"{key}={{{key}}}" for key in record]), event="request", **record)
+        log_request(record)
         if self._observer is not None:
             self._observer.ended(record)
         if self._listener is not None:
@@ -395,6 +423,22 @@ class Exchange:
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
+
+
+# Records of these outcomes are logged as warnings: the upstream failed (a
+# stream it cut, an error it caused) or did not answer in time.
+_WARN_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR.value, Outcome.TIMEOUT.value})
+
+
+def log_request(record: Mapping[str, Any]) -> None:
+    """Log the one C{request} line of an exchange or of a refusal navtwist made itself."""
+    level = LogLevel.warn if record.get("outcome") in _WARN_OUTCOMES else LogLevel.info
+    log.emit(level, " ".join(["request"] + [f"{key}={{{key}}}" for key in record]), event="request", **record)
+
+
+def refusal_record(fields: Mapping[str, Any], refusal: Refusal, started: float, ended: float) -> dict[str, Any]:
+    """The record of a request navtwist refused itself, before any upstream was called."""
+    return request_record(fields, 0, refusal.status, refusal.code, started, None, ended, 0, {})
 
 
 def request_record(
@@ -425,14 +469,15 @@ def request_record(
         **fields,
         "candidates_tried": tried,
         "status": status,
-        "outcome": outcome_class(text).value,
+        "outcome": outcome_class(text, status).value,
         "detail": text,
         "headers_ms": _ms(started, headers_at),
         "duration_ms": _ms(started, ended),
         "bytes": bytes_relayed,
     }
     if summary:
-        record["ttft_ms"] = _ms(started, summary.pop("first_token_at", None))
+        first_token_at = summary.pop("first_token_at", None)
+        record["ttft_ms"] = _ms(started, first_token_at) if status < 400 else None  # an error body is no token
         record.update(summary)
     return record
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import enum
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionClosed,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
@@ -21,11 +28,19 @@ class RouteBusy(Exception):
 
 
 class UpstreamStatus(Exception):
-    """A candidate answered with a status its route falls back on."""
+    """A candidate answered with an error status (relayed, or fallen back on)."""
 
     def __init__(self, status: int) -> None:
         super().__init__(f"upstream answered {status}")
         self.status = status
+
+
+class StreamCut(Exception):
+    """An answer whose body the upstream cut short: it died, fell silent or sent a corrupt encoding."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(f"upstream cut the response: {outcome}")
+        self.outcome = outcome
 
 
 class Cause(str, enum.Enum):
@@ -38,7 +53,8 @@ class Cause(str, enum.Enum):
     TIMEOUT = "timeout"  # a deadline passed: ours, connecting, or resolving
     TLS = "tls"
     PROTOCOL = "protocol"  # the upstream broke HTTP
-    STATUS = "status"  # the upstream answered a status its route falls back on
+    STATUS = "status"  # the upstream answered a 4xx/5xx status
+    CUT = "stream_cut"  # the upstream cut a response under way
     OTHER = "other"
 
     @property
@@ -67,8 +83,55 @@ def classify(failure: Failure, timed_out: bool) -> Cause:
         return Cause.CONNECT
     if failure.check(UpstreamStatus):
         return Cause.STATUS
+    if isinstance(failure.value, StreamCut):
+        return Cause.CUT
     if isinstance(failure.value, (ResponseNeverReceived, ResponseFailed)):
-        if any(type(reason.value).__module__.startswith("OpenSSL") for reason in failure.value.reasons):
+        if _tls_error(failure) is not None:
             return Cause.TLS
         return Cause.PROTOCOL
     return Cause.OTHER
+
+
+def _tls_error(failure: Failure) -> BaseException | None:
+    """The TLS error (OpenSSL's, or service_identity's name check) inside a failed call, if that is why."""
+    for reason in getattr(failure.value, "reasons", ()):
+        if isinstance(reason, Failure) and type(reason.value).__module__.startswith(("OpenSSL", "service_identity")):
+            return reason.value
+    return None
+
+
+def _tls_reason(error: BaseException) -> str:
+    """OpenSSL's own reason texts (fixed library strings, such as C{certificate verify failed})."""
+    texts = [entry[2] for entry in (error.args[0] if error.args and isinstance(error.args[0], list) else ())
+             if isinstance(entry, tuple) and len(entry) == 3 and entry[2]]
+    if texts:
+        return "TLS handshake failed: " + ", ".join(texts)
+    if type(error).__module__.startswith("service_identity"):
+        return "TLS handshake failed: certificate does not match the host name"
+    return "TLS handshake failed"
+
+
+def describe(failure: Failure, timed_out: bool) -> str:
+    """Why a call failed, in a few fixed words for logs and clients (never an
+    address or a secret): which deadline passed, what TLS refused, how the
+    connection failed."""
+    tls = _tls_error(failure)
+    if tls is not None:
+        return _tls_reason(tls)
+    if failure.check(ConnectingCancelledError, TimeoutError):
+        return "timed out connecting"
+    if timed_out:
+        return "timed out waiting for response headers"
+    if failure.check(DNSLookupError):
+        return "name lookup failed"
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(ConnectError):
+        return "cannot connect"
+    if isinstance(failure.value, ResponseNeverReceived) and any(
+        isinstance(reason, Failure) and reason.check(ConnectionClosed) for reason in failure.value.reasons
+    ):
+        return "connection closed before response headers"
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return "invalid response"
+    return type(failure.value).__name__

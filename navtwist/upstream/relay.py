@@ -23,6 +23,7 @@ from zope.interface import implementer
 from navtwist.outcome import Outcome
 from navtwist.upstream.decode import BodyDecodeError
 from navtwist.upstream.flow import StallWatch
+from navtwist.upstream.redact import Redactor
 
 # Response headers that describe one hop, not the response.
 HOP_BY_HOP = frozenset(
@@ -39,6 +40,8 @@ class ResponseRelay(Protocol):
 
     C{stream_error} makes the SSE event that reports a truncated stream; with
     None, a truncated body is signalled by aborting the client connection.
+    C{redactor} masks secrets in the body (its held-back tail is dropped when
+    the body is cut: it may be the start of a secret).
     """
 
     # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
@@ -53,8 +56,10 @@ class ResponseRelay(Protocol):
         write_stall_timeout: float,
         done: Callable[[Outcome], None],
         on_chunk: Callable[[bytes], None] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._request = request
+        self._redactor = redactor
         self._clock = clock
         self._stream_error = stream_error
         self._idle_timeout = idle_timeout
@@ -80,10 +85,10 @@ class ResponseRelay(Protocol):
         if self._client_gone:
             return
         self.bytes_relayed += len(data)
+        if self._redactor is not None:
+            data = self._redactor.feed(data)
         self._at_event_boundary = data.endswith((b"\n\n", b"\r\n\r\n"))
-        self._request.write(data)
-        if self._on_chunk is not None:
-            self._on_chunk(data)  # after the write: observers never delay a chunk
+        self._deliver(data)
         if not self._paused:
             self._arm_idle()
 
@@ -95,6 +100,8 @@ class ResponseRelay(Protocol):
             return
         self._request.unregisterProducer()
         if self._outcome is None and reason.check(ResponseDone, PotentialDataLoss):
+            if self._redactor is not None:
+                self._deliver(self._redactor.flush())
             self._request.finish()
             self._done(Outcome.OK)
             return
@@ -111,6 +118,11 @@ class ResponseRelay(Protocol):
             # body without its terminator.
             cast(ITCPTransport, self._request.transport).abortConnection()
         self._done(outcome)
+
+    def _deliver(self, data: bytes) -> None:
+        self._request.write(data)
+        if self._on_chunk is not None and data:
+            self._on_chunk(data)  # after the write: observers never delay a chunk
 
     # -- client side: driven by the client's HTTP channel
 
