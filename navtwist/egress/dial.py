@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TCPTimedOutError, TimeoutError
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -24,8 +23,11 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from navtwist.config import UpstreamProxy
 from navtwist.outcome import Refusal
 from navtwist.egress.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
+from navtwist.upstream.endpoints import upstream_endpoint
+from navtwist.upstream.parent import parent_refusal
 
 
 @implementer(IResolutionReceiver)
@@ -57,8 +59,10 @@ class Egress:
         resolver: IHostnameResolver,
         policy: Policy,
         connect_timeout: float,
+        parent: UpstreamProxy | None = None,
     ) -> None:
         self._reactor = reactor
+        self._parent = parent
         self._clock = clock
         self._resolver = resolver
         self.policy = policy
@@ -106,13 +110,15 @@ class Egress:
         raise Refusal(504, "upstream_timeout", f"resolving {name} timed out")
 
     def connect(self, address: IPAddress, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        """Dial exactly C{address}; failures become L{Refusal}."""
-        endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-        endpoint = endpoint_type(self._reactor, str(address), port, timeout=self._connect_timeout)
+        """Dial exactly C{address} (through the parent proxy, if any, naming C{address}); failures become L{Refusal}."""
+        endpoint = upstream_endpoint(self._reactor, str(address), port, self._connect_timeout, self._parent)
         return endpoint.connect(factory).addErrback(_dial_failed)
 
 
 def _dial_failed(failure: Failure) -> None:
+    refusal = parent_refusal(failure)
+    if refusal is not None:
+        raise refusal
     if failure.check(TimeoutError, TCPTimedOutError):
         raise Refusal(504, "upstream_timeout", "connecting to the destination timed out")
     failure.trap(ConnectError)

@@ -27,6 +27,7 @@ from navtwist.upstream.failures import Cause, classify
 from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import head_too_large
+from navtwist.upstream.parent import parent_refusal
 
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"proxy-authorization", b"proxy-connection"}
 
@@ -50,6 +51,9 @@ def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     """What the client of a forwarded request is told when the destination did not answer."""
     if failure.check(Refusal):
         return failure.value  # the egress stage's own words
+    refused_by_parent = parent_refusal(failure)
+    if refused_by_parent is not None:
+        return refused_by_parent
     cause = classify(failure, timed_out)
     if cause is Cause.TIMEOUT:
         return Refusal(504, "upstream_timeout", "the destination did not answer in time")

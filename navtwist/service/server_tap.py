@@ -117,22 +117,23 @@ def make_service(
                  "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    clients = UpstreamClients(reactor, config.limits)
+    parent = config.upstream_proxy  # read at start: a reload cannot change it
+    clients = UpstreamClients(reactor, config.limits, parent)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
     site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts, reactor)
-    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
+    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect, parent)
     forward = ForwardResource(
         egress,
-        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect), pool=clients.pool),
+        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect, parent=parent), pool=clients.pool),
         reactor,
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
-    origins = OriginClients(reactor, timeouts.connect, config.limits)
+    origins = OriginClients(reactor, timeouts.connect, config.limits, parent=parent)
     credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
     forward.credentials = credentials
     intercept = InterceptResource(
@@ -183,6 +184,8 @@ def make_service(
             intercept.credentials = forward.credentials = renewed
             for note in startup_notes(new.policy.intercept):
                 log.warn("{note}", note=note)
+            if new.upstream_proxy != parent:
+                log.warn("upstream_proxy changed: it takes effect when navtwist restarts")
 
         def load_checked(previous: Config) -> Config:
             new = reload(previous)
@@ -197,6 +200,8 @@ def make_service(
             watched=lambda current: [c.location for c in current.credentials if c.source == "file"],
         ).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
+    if parent is not None:
+        log.info("upstream connections go through the parent proxy {parent}", parent=str(parent))
     for note in startup_notes(config.policy.intercept):
         log.warn("{note}", note=note)
     for credential in config.credentials:
