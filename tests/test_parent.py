@@ -281,6 +281,18 @@ def test_intercepted_origins_connect_to_the_checked_address_not_the_name() -> No
     assert transport.value().startswith(b"CONNECT 198.51.100.7:443 HTTP/1.1\r\n")
 
 
+def test_an_https_parent_gets_tls_before_connect() -> None:
+    reactor = MemoryReactorClock()
+    d = upstream_endpoint(reactor, "198.51.100.7", 443, 5, UpstreamProxy("192.0.2.1", 3129, tls=True)).connect(
+        Factory.forProtocol(Recorder))
+    host, port, factory, _, _ = reactor.tcpClients[-1]
+    assert (host, port) == ("192.0.2.1", 3129)
+    transport = StringTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    assert transport.value().startswith(b"\x16\x03"), "a TLS ClientHello, CONNECT only inside it"
+    assert not d.called
+
+
 def test_without_a_parent_connections_are_direct() -> None:
     reactor = MemoryReactorClock()
     upstream_endpoint(reactor, "198.51.100.7", 443, 5).connect(Factory.forProtocol(Recorder))

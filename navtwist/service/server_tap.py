@@ -117,7 +117,7 @@ def make_service(
                  "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    parent = config.upstream_proxy  # read at start: a reload cannot change it
+    parent = config.upstream_proxy  # read at start: a reload reports a change, not applies it
     clients = UpstreamClients(reactor, config.limits, parent)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
@@ -184,8 +184,6 @@ def make_service(
             intercept.credentials = forward.credentials = renewed
             for note in startup_notes(new.policy.intercept):
                 log.warn("{note}", note=note)
-            if new.upstream_proxy != parent:
-                log.warn("upstream_proxy changed: it takes effect when navtwist restarts")
 
         def load_checked(previous: Config) -> Config:
             new = reload(previous)
