@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test check typecheck check-floor bench clean
+.PHONY: run test test-agents check typecheck check-floor bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= navtwist $(ARGS)
@@ -48,8 +48,22 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(VENV)/.installed $@
 
+# Real clients (Claude Code, the Codex CLI, the openai and Anthropic Node SDKs) through a real
+# navtwist, installed from npm (tests/agents/package.json, versions pinned, package-lock.json)
+# into $(AGENTS_CACHE). As root the session runs in a loopback-only network namespace.
+AGENTS_CACHE ?= .agents-cache
+NPM ?= npm
+test-agents: $(VENV)/.installed-test $(AGENTS_CACHE)/.installed
+	NAVTWIST_AGENTS_DIR=$(CURDIR)/$(AGENTS_CACHE) tests/agents/isolated $(BIN)/python -m pytest -m agents tests/agents -p no:cacheprovider $(PYTEST_ARGS)
+
+$(AGENTS_CACHE)/.installed: tests/agents/package.json tests/agents/package-lock.json
+	mkdir -p $(AGENTS_CACHE)
+	cp tests/agents/package.json tests/agents/package-lock.json $(AGENTS_CACHE)/
+	cd $(AGENTS_CACHE) && $(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info twisted/plugins/dropin.cache .mypy_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(AGENTS_CACHE) build *.egg-info twisted/plugins/dropin.cache .mypy_cache
 
 # --- benchmarks (bench/; not part of `make test`) ------------------------------------
 # Two venvs: mitmproxy 11 pins pyOpenSSL<=24.3, while Twisted[tls] 26 needs pyOpenSSL>=25.3;

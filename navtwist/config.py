@@ -9,6 +9,7 @@ file holding only C{routes:} is a complete config.
 """
 from __future__ import annotations
 
+import base64
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -99,6 +100,21 @@ class Timeouts:
     upstream_idle: float = 300.0
 
 
+@dataclass(frozen=True)
+class UpstreamProxy:
+    """The parent proxy every upstream connection goes through (C{CONNECT}), as in corporate networks."""
+
+    host: str
+    port: int
+    tls: bool = False  # https://: TLS to the parent, verified for C{host} against the system trust store
+    authorization: bytes | None = field(default=None, repr=False)  # the Proxy-Authorization value
+
+    def __str__(self) -> str:
+        """The parent as an operator wrote it, without credentials (safe to log)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration; C{ca_dir} is always stored with C{~} expanded."""
@@ -115,6 +131,7 @@ class Config:
     ca_name_constraints: bool = True  # limit the CA to inference.local and the intercepted hosts
     audit_log: str | None = None  # path of the OCSF decision log; off when absent
     credentials: tuple[Credential, ...] = ()  # secrets swapped for placeholders on intercepted hosts
+    upstream_proxy: UpstreamProxy | None = None  # the parent proxy for navtwist's own connections; none when absent
 
     def __post_init__(self) -> None:
         # Expanding here, the one place every Config passes through, keeps
@@ -129,8 +146,9 @@ _ROUTE_KEYS = (
 ) + _ROUTE_TIMEOUTS
 _TOP_KEYS = (
     "listen", "ca_dir", "routes", "limits", "timeouts", "policy", "plugins", "drain_timeout", "admin_listen",
-    "ca_name_constraints", "audit_log", "credentials",
+    "ca_name_constraints", "audit_log", "credentials", "upstream_proxy",
 )
+_UPSTREAM_PROXY_KEYS = ("url", "auth_env", "auth_file")
 
 
 def parse_config(
@@ -165,6 +183,7 @@ def parse_config(
         admin_listen=_endpoint(top, "admin_listen", "", None),
         ca_name_constraints=_bool(top, "ca_name_constraints", "", defaults["ca_name_constraints"]),
         audit_log=_string(top, "audit_log", "", None),
+        upstream_proxy=_upstream_proxy(top, environ),
     ))
 
 
@@ -394,6 +413,62 @@ def _with_intercept(policy: Policy[InterceptEntry], section: Mapping[Any, object
     except ValueError as exc:  # already names the key path
         raise ConfigError(str(exc)) from None
     return replace(policy, intercept=intercept)
+
+
+def _upstream_proxy(top: Mapping[Any, object], environ: Mapping[str, str]) -> UpstreamProxy | None:
+    """C{upstream_proxy}: a URL, or a mapping with C{url} and the credentials'
+    source (C{auth_env} or C{auth_file}, holding C{user:password}, sent as Basic)."""
+    value = top.get("upstream_proxy")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        section: Mapping[Any, object] = {"url": value}
+        where = "upstream_proxy"
+    else:
+        section = _mapping(value, "upstream_proxy", _UPSTREAM_PROXY_KEYS)
+        where = "upstream_proxy.url"
+    url = _string(section, "url", "upstream_proxy", None)
+    if url is None:
+        raise ConfigError(f"{where}: required key is missing")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        port, parts = None, None
+    if parts is not None and parts.username is not None:
+        # The value is not echoed: it carries a secret.
+        raise ConfigError(f"{where}: credentials in the URL are not accepted; use upstream_proxy.auth_env or auth_file")
+    if (parts is None or _has_space_or_control(url) or parts.scheme not in ("http", "https") or not parts.hostname
+            or port is None or port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ConfigError(f"{where}: must be http://host:port or https://host:port")
+    return UpstreamProxy(parts.hostname, port, parts.scheme == "https", _proxy_authorization(section, environ))
+
+
+def _proxy_authorization(section: Mapping[Any, object], environ: Mapping[str, str]) -> bytes | None:
+    """The C{Proxy-Authorization} value from C{auth_env} or C{auth_file}, read now so a missing one stops start-up."""
+    env = _string(section, "auth_env", "upstream_proxy", None)
+    path = _string(section, "auth_file", "upstream_proxy", None)
+    if env is not None and path is not None:
+        raise ConfigError("upstream_proxy: both auth_env and auth_file are set; use one")
+    if env is not None:
+        where = "upstream_proxy.auth_env"
+        secret = environ.get(env, "")
+        if not secret:
+            raise ConfigError(f"{where}: environment variable {env!r} is not set or is empty")
+    elif path is not None:
+        where = "upstream_proxy.auth_file"
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                secret = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {path} is not valid UTF-8") from None
+    else:
+        return None
+    if ":" not in secret or _has_space_or_control(secret):
+        raise ConfigError(f"{where}: expected user:password without whitespace or control characters")
+    return b"Basic " + base64.b64encode(secret.encode("utf-8"))
 
 
 def _plugins(top: Mapping[Any, object]) -> tuple[str, ...]:

@@ -206,7 +206,7 @@ def test_accepted_endpoints(endpoint: str) -> None:
 ERROR_CASES: list[tuple[str, object, str, str]] = [
     # (id, document, key path, part of the message)
     ("top-not-mapping", ["routes"], "top level", "expected a mapping, got a list"),
-    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts, policy, plugins, drain_timeout, admin_listen, ca_name_constraints, audit_log, credentials)"),
+    ("top-unknown", _doc(proxy="x"), "proxy", "unknown key (allowed: listen, ca_dir, routes, limits, timeouts, policy, plugins, drain_timeout, admin_listen, ca_name_constraints, audit_log, credentials, upstream_proxy)"),
     ("routes-missing", {"listen": "tcp:3128"}, "routes", "required"),
     ("routes-empty", _doc(routes=[]), "routes", "must not be empty"),
     ("routes-mapping", _doc(routes={"name": "x"}), "routes", "expected a list, got a mapping"),

@@ -60,11 +60,13 @@ def test_invalid_config_is_logged_and_the_old_one_kept(path: Path, events: list[
     assert "routes[0].endpoint" in event["error"]
 
 
-def test_restart_only_changes_are_reported(path: Path, events: list[dict]) -> None:
+@pytest.mark.parametrize("key, line", [("listen", "listen: 'tcp:9999'"),
+                                       ("upstream_proxy", "upstream_proxy: 'http://127.0.0.1:3129'")])
+def test_restart_only_changes_are_reported(path: Path, events: list[dict], key: str, line: str) -> None:
     reloader, _ = _reloader(path, [])
-    _rewrite(path, "listen: 'tcp:9999'\n" + ROUTE.format(name="first"))
+    _rewrite(path, line + "\n" + ROUTE.format(name="first"))
     reloader.reload()
-    assert any(e.get("key") == "listen" for e in events)
+    assert any(e.get("key") == key for e in events)
 
 
 def test_watch_polls_the_file(path: Path) -> None:

@@ -12,7 +12,6 @@ from typing import Callable, NoReturn
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TCPTimedOutError, TimeoutError
 from twisted.internet.interfaces import (
     IAddress,
@@ -20,17 +19,20 @@ from twisted.internet.interfaces import (
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
-    IReactorTCP,
     IReactorTime,
     IResolutionReceiver,
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from navtwist.config import UpstreamProxy
 from navtwist.outcome import Refusal
 from navtwist.egress.host_addresses import HostAddresses
+from navtwist.interfaces import IProxyReactor
 from navtwist.egress.policy import IPAddress, Policy, check_resolved, is_localhost_name, normalize_host, parse_ip
 from navtwist.intercept.rules import InterceptEntry
+from navtwist.upstream.endpoints import upstream_endpoint
+from navtwist.upstream.parent import parent_refusal
 
 
 @implementer(IResolutionReceiver)
@@ -58,16 +60,18 @@ class Egress:
 
     def __init__(
         self,
-        reactor: IReactorTCP,
+        reactor: IProxyReactor,
         clock: IReactorTime,
         resolver: IHostnameResolver,
         policy: Policy[InterceptEntry],
         connect_timeout: float,
+        parent: UpstreamProxy | None = None,
         own_addresses: Callable[[], frozenset[IPAddress]] | None = None,
     ) -> None:
         """C{own_addresses} gives this host's interface addresses, asked at each
         check (by default read from the kernel, at most once a second)."""
         self._reactor = reactor
+        self._parent = parent
         self._clock = clock
         self._resolver = resolver
         self.policy = policy
@@ -119,13 +123,15 @@ class Egress:
         raise Refusal(504, "upstream_timeout", f"resolving {name} timed out")
 
     def connect(self, address: IPAddress, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        """Dial exactly C{address}; failures become L{Refusal}."""
-        endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-        endpoint = endpoint_type(self._reactor, str(address), port, timeout=self._connect_timeout)
+        """Dial exactly C{address} (through the parent proxy, if any, naming C{address}); failures become L{Refusal}."""
+        endpoint = upstream_endpoint(self._reactor, str(address), port, self._connect_timeout, self._parent)
         return endpoint.connect(factory).addErrback(_dial_failed)
 
 
 def _dial_failed(failure: Failure) -> NoReturn:
+    refusal = parent_refusal(failure)
+    if refusal is not None:
+        raise refusal
     if failure.check(TimeoutError, TCPTimedOutError):
         raise Refusal(504, "upstream_timeout", "connecting to the destination timed out")
     failure.trap(ConnectError)

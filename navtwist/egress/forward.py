@@ -29,6 +29,7 @@ from navtwist.upstream.failures import Cause, classify, describe
 from navtwist.upstream.relay import HOP_BY_HOP
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import head_too_large
+from navtwist.upstream.parent import parent_refusal
 
 # Content-Length too: the Agent sets it from the body it sends (a second one makes strict origins refuse).
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"host", b"proxy-authorization", b"proxy-connection"}
@@ -59,6 +60,9 @@ def failure_refusal(failure: Failure, timed_out: bool) -> Refusal:
     """What the client of a forwarded request is told when the destination did not answer."""
     if isinstance(failure.value, Refusal):
         return failure.value  # the egress stage's own words
+    refused_by_parent = parent_refusal(failure)
+    if refused_by_parent is not None:
+        return refused_by_parent
     cause = classify(failure, timed_out)
     why = describe(failure, timed_out)
     if cause is Cause.TIMEOUT:

@@ -25,7 +25,7 @@ from treq.client import HTTPClient
 
 from navtwist.compat import set_pool_factory
 from navtwist.inference import errors
-from navtwist.config import Limits, Route
+from navtwist.config import Limits, Route, UpstreamProxy
 from navtwist.outcome import Refusal
 from navtwist.interfaces import IProviderProfile, IProxyReactor, IRequestHook, IStreamObserver
 from navtwist.inference.mock import MockAgent
@@ -37,6 +37,7 @@ from navtwist.upstream.decode import DecodeLimits, DecodingAgent
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, log_request, refusal_record
 from navtwist.upstream.failures import Cause, classify, describe
+from navtwist.upstream.parent import parent_refusal
 from navtwist.inference.hooks import InferenceRequest, run_request_hooks
 from navtwist.inference.observe import MetricsListener, MetricsSink, Observation
 
@@ -116,11 +117,13 @@ class UpstreamClients:
     """One treq client per route; real routes (and forwarded requests) share one connection pool.
 
     The pool's connections cap response heads and bound their socket buffers
-    (C{limits}); inference bodies are decoded within C{limits}' caps.
+    (C{limits}); inference bodies are decoded within C{limits}' caps.  With
+    C{parent}, routes connect through that parent proxy.
     """
 
-    def __init__(self, reactor: IProxyReactor, limits: Limits = Limits()) -> None:
+    def __init__(self, reactor: IProxyReactor, limits: Limits = Limits(), parent: UpstreamProxy | None = None) -> None:
         self._reactor = reactor
+        self.parent = parent
         self._decode = DecodeLimits(limits.max_decoded_bytes, limits.max_decompression_ratio)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
@@ -136,7 +139,7 @@ class UpstreamClients:
             if route.is_mock:
                 agent = MockAgent(self._reactor)
             else:
-                endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout)
+                endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout, parent=self.parent)
                 agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self.pool)
             client = self._clients[route] = make_client(agent, self._decode)
         return client
@@ -267,7 +270,7 @@ class InferenceRouter:
             cause = classify(failure, timed_out)
             if cause is Cause.BUSY:
                 request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
-            refusal = errors.upstream_refusal(cause)
+            refusal = parent_refusal(failure) or errors.upstream_refusal(cause)
             named = f"{refusal.message}: {describe(failure, timed_out)}" if cause.is_upstream_error else None
             errors.write_error(request, shape, refusal, refused_answer(failure) or named)
             return refusal.code

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.web.client import URI, Agent, HTTPConnectionPool
@@ -19,10 +19,11 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from navtwist.compat import set_pool_factory
-from navtwist.config import Limits
+from navtwist.config import Limits, UpstreamProxy
 from navtwist.egress.policy import IPAddress
 from navtwist.interfaces import IProxyReactor
 from navtwist.upstream.connection import HeadLimits, client_factory
+from navtwist.upstream.endpoints import upstream_endpoint
 
 # Distinct (host, port, address, trust) keys kept with an open pool; the least
 # recently used one is closed beyond this.
@@ -40,16 +41,18 @@ def load_trust(upstream_ca: tuple[bytes, ...]) -> object:
 class _PinnedEndpoints:
     """Every URI goes to one checked address, with TLS for the URI's host name."""
 
-    def __init__(self, reactor: IProxyReactor, address: IPAddress, host: str, trust: object, timeout: float) -> None:
+    def __init__(self, reactor: IProxyReactor, address: IPAddress, host: str, trust: object, timeout: float,
+                 parent: UpstreamProxy | None) -> None:
         self._reactor = reactor
         self._address = address
         # Twisted names the trust root's type (IOpenSSLTrustRoot) only in its private _sslverify.
         self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])  # type: ignore[arg-type]
         self._timeout = timeout
+        self._parent = parent
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        kind = TCP6ClientEndpoint if self._address.version == 6 else TCP4ClientEndpoint
-        return wrapClientTLS(self._tls, kind(self._reactor, str(self._address), uri.port, timeout=self._timeout))
+        tcp = upstream_endpoint(self._reactor, str(self._address), uri.port, self._timeout, self._parent)
+        return wrapClientTLS(self._tls, tcp)
 
 
 class OriginClients:
@@ -59,8 +62,10 @@ class OriginClients:
     changes an entry's C{upstream_ca} reaches new connections by itself.
     """
 
-    def __init__(self, reactor: IProxyReactor, connect_timeout: float, limits: Limits, idle_per_origin: int = 4) -> None:
+    def __init__(self, reactor: IProxyReactor, connect_timeout: float, limits: Limits, idle_per_origin: int = 4,
+                 parent: UpstreamProxy | None = None) -> None:
         self._reactor = reactor
+        self._parent = parent
         self._timeout = connect_timeout
         self._idle = idle_per_origin
         # Response heads capped as they arrive, socket buffers bounded: as on every upstream path.
@@ -81,7 +86,7 @@ class OriginClients:
         pool.retryAutomatically = False  # a streamed body cannot be sent twice
         set_pool_factory(pool, self._protocols)
         agent = Agent.usingEndpointFactory(
-            self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout), pool=pool
+            self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout, self._parent), pool=pool
         )
         self._agents[key] = (agent, pool)
         while len(self._agents) > MAX_ORIGINS:
@@ -93,7 +98,7 @@ class OriginClients:
         self, host: str, port: int, address: IPAddress, upstream_ca: tuple[bytes, ...], factory: IProtocolFactory
     ) -> Deferred[IProtocol]:
         """A connection of its own (not pooled: an upgrade takes it over) to the origin, over verified TLS."""
-        endpoints = _PinnedEndpoints(self._reactor, address, host, load_trust(upstream_ca), self._timeout)
+        endpoints = _PinnedEndpoints(self._reactor, address, host, load_trust(upstream_ca), self._timeout, self._parent)
         return endpoints.endpointForURI(URI.fromBytes(b"https://%s:%d/" % (host.encode("ascii"), port))).connect(factory)
 
     def close(self) -> Deferred[list[tuple[bool, object]]]:

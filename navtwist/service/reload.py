@@ -3,7 +3,7 @@
 A valid new config takes effect for new requests (routes and policy); calls
 already under way keep the routes they started with.  An invalid one is
 logged, naming the problem, and the old config stays.  Settings that need a
-restart (listen, ca_dir, limits, timeouts) are reported, not applied.
+restart (listen, ca_dir, limits, timeouts, upstream_proxy) are reported, not applied.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from navtwist.interfaces import IServiceReactor
 
 log = Logger(namespace="navtwist.reload")
 
-_RESTART_ONLY = ("listen", "ca_dir", "limits", "timeouts")
+_RESTART_ONLY = ("listen", "ca_dir", "limits", "timeouts", "upstream_proxy")
 
 
 def _file_state(path: str) -> tuple[int, int, int] | None:

@@ -152,22 +152,23 @@ def make_service(
                  "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    clients = UpstreamClients(reactor, config.limits)
+    parent = config.upstream_proxy  # read at start: a reload reports a change, not applies it
+    clients = UpstreamClients(reactor, config.limits, parent)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
     site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts, reactor)
-    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
+    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect, parent=parent)
     forward = ForwardResource(
         egress,
-        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect), pool=clients.pool),
+        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect, parent=parent), pool=clients.pool),
         reactor,
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
-    origins = OriginClients(reactor, timeouts.connect, config.limits)
+    origins = OriginClients(reactor, timeouts.connect, config.limits, parent=parent)
     credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
     forward.credentials = credentials
     intercept = InterceptResource(
@@ -236,6 +237,8 @@ def make_service(
             watched=lambda current: [c.location for c in current.credentials if c.source == "file"],
         ).setServiceParent(top)
     log.info("navtwist CA certificate: {path}", path=str(ca.cert_path))
+    if parent is not None:
+        log.info("upstream connections go through the parent proxy {parent}", parent=str(parent))
     for note in startup_notes(config.policy.intercept):
         log.warn("{note}", note=note)
     for credential in config.credentials:
