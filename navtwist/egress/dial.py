@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from navtwist.outcome import Refusal
 from navtwist.egress.policy import IPAddress, Policy, check_resolved, normalize_host, parse_ip
+from navtwist.upstream.descriptors import DescriptorWatch, watched
 
 
 @implementer(IResolutionReceiver)
@@ -48,7 +49,8 @@ class _Addresses:
 
 
 class Egress:
-    """Policy, resolution and dialling, with a deadline on each step."""
+    """Policy, resolution and dialling, with a deadline on each step; C{descriptors} records
+    connects that fail for want of a file descriptor."""
 
     def __init__(
         self,
@@ -57,8 +59,10 @@ class Egress:
         resolver: IHostnameResolver,
         policy: Policy,
         connect_timeout: float,
+        descriptors: DescriptorWatch | None = None,
     ) -> None:
         self._reactor = reactor
+        self._descriptors = descriptors
         self._clock = clock
         self._resolver = resolver
         self.policy = policy
@@ -109,7 +113,7 @@ class Egress:
         """Dial exactly C{address}; failures become L{Refusal}."""
         endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
         endpoint = endpoint_type(self._reactor, str(address), port, timeout=self._connect_timeout)
-        return endpoint.connect(factory).addErrback(_dial_failed)
+        return watched(endpoint, self._descriptors).connect(factory).addErrback(_dial_failed)
 
 
 def _dial_failed(failure: Failure) -> None:

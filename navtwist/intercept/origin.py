@@ -22,6 +22,7 @@ from navtwist.compat import set_pool_factory
 from navtwist.config import Limits
 from navtwist.egress.policy import IPAddress
 from navtwist.upstream.connection import HeadLimits, client_factory
+from navtwist.upstream.descriptors import DescriptorWatch, IdleBudget, watched
 
 # Distinct (host, port, address, trust) keys kept with an open pool; the least
 # recently used one is closed beyond this.
@@ -39,15 +40,18 @@ def load_trust(upstream_ca: tuple[bytes, ...]) -> object:
 class _PinnedEndpoints:
     """Every URI goes to one checked address, with TLS for the URI's host name."""
 
-    def __init__(self, reactor: object, address: IPAddress, host: str, trust: object, timeout: float) -> None:
+    def __init__(self, reactor: object, address: IPAddress, host: str, trust: object, timeout: float,
+                 descriptors: DescriptorWatch | None) -> None:
         self._reactor = reactor
         self._address = address
         self._tls = optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=[b"http/1.1"])
         self._timeout = timeout
+        self._descriptors = descriptors
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         kind = TCP6ClientEndpoint if self._address.version == 6 else TCP4ClientEndpoint
-        return wrapClientTLS(self._tls, kind(self._reactor, str(self._address), uri.port, timeout=self._timeout))
+        endpoint = kind(self._reactor, str(self._address), uri.port, timeout=self._timeout)
+        return wrapClientTLS(self._tls, watched(endpoint, self._descriptors))
 
 
 class OriginClients:
@@ -55,12 +59,16 @@ class OriginClients:
 
     The certificates were read when the config was loaded, so a reload that
     changes an entry's C{upstream_ca} reaches new connections by itself.
+    Idle connections of all pools together stay within C{idle} (the descriptor budget).
     """
 
-    def __init__(self, reactor: object, connect_timeout: float, limits: Limits, idle_per_origin: int = 4) -> None:
+    def __init__(self, reactor: object, connect_timeout: float, limits: Limits, idle_per_origin: int = 4,
+                 descriptors: DescriptorWatch | None = None, idle: IdleBudget | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._idle = idle_per_origin
+        self._budget = idle or IdleBudget.for_soft_limit()
+        self._descriptors = descriptors
         # Response heads capped as they arrive, socket buffers bounded: as on every upstream path.
         self._protocols = client_factory(
             HeadLimits(limits.max_response_head_bytes, limits.max_response_headers), limits.socket_buffer_bytes)
@@ -74,12 +82,11 @@ class OriginClients:
             self._agents.move_to_end(key)
             return found[0]
         trust = load_trust(upstream_ca)
-        pool = HTTPConnectionPool(self._reactor, persistent=True)
-        pool.maxPersistentPerHost = self._idle
+        pool = self._budget.pool(self._reactor, per_host=self._idle)
         pool.retryAutomatically = False  # a streamed body cannot be sent twice
         set_pool_factory(pool, self._protocols)
         agent = Agent.usingEndpointFactory(
-            self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout), pool=pool
+            self._reactor, _PinnedEndpoints(self._reactor, address, host, trust, self._timeout, self._descriptors), pool=pool
         )
         self._agents[key] = (agent, pool)
         while len(self._agents) > MAX_ORIGINS:

@@ -8,7 +8,7 @@ from typing import Callable
 
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.client import Agent
 
@@ -24,6 +24,7 @@ from navtwist.intercept.rules import startup_notes
 from navtwist.intercept.resource import InterceptResource
 from navtwist.service.drain import DrainService
 from navtwist.egress.dial import Egress
+from navtwist.upstream.descriptors import DescriptorWatch, IdleBudget, raise_nofile_limit
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.egress.forward import ForwardResource
 from navtwist.http.channel import HardenedSite
@@ -86,6 +87,22 @@ class _UpstreamPoolService(service.Service):
         return self._clients.close()
 
 
+class _DescriptorWatchService(service.Service):
+    """Counts the listener's accept failures from Twisted's log while running (Twisted survives them)."""
+
+    def __init__(self, watch: DescriptorWatch) -> None:
+        self._watch = watch
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self._watch.observe)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        globalLogPublisher.removeObserver(self._watch.observe)
+        self._watch.stop()
+        return super().stopService()
+
+
 def extensions(config: Config, metrics: Metrics) -> Extensions:
     """The plugins C{config} enables (their names were checked when it was loaded)."""
     hooks, observers = select(config.plugins)
@@ -117,22 +134,25 @@ def make_service(
                  "could impersonate any site; re-issue it with: navtwist ca rotate --config PATH", path=str(ca.cert_path))
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
-    clients = UpstreamClients(reactor, config.limits)
+    descriptors = DescriptorWatch(reactor, metrics.fd_exhausted)
+    idle = IdleBudget.for_soft_limit()
+    clients = UpstreamClients(reactor, config.limits, descriptors, idle)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
     site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts, reactor)
-    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect)
+    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect, descriptors)
     forward = ForwardResource(
         egress,
-        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect), pool=clients.pool),
+        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect, descriptors=descriptors),
+                                   pool=clients.pool),
         reactor,
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
-    origins = OriginClients(reactor, timeouts.connect, config.limits)
+    origins = OriginClients(reactor, timeouts.connect, config.limits, descriptors=descriptors, idle=idle)
     credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
     forward.credentials = credentials
     intercept = InterceptResource(
@@ -156,6 +176,7 @@ def make_service(
     DrainService(factory, reactor, config.drain_timeout, exit_zero_on_sigterm).setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     _UpstreamPoolService(origins).setServiceParent(top)
+    _DescriptorWatchService(descriptors).setServiceParent(top)
     if config.admin_listen is not None:
 
         def readiness() -> dict[str, bool]:
@@ -215,6 +236,8 @@ def make_service(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    old, new = raise_nofile_limit()  # before make_service sizes the idle-connection budget from it
+    log.info("file descriptor limit (soft RLIMIT_NOFILE): {new} (was {old})", new=new, old=old)
     top = make_service(
         options["navtwist-config"],
         reactor,

@@ -15,15 +15,22 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from navtwist.upstream.descriptors import DescriptorWatch, watched
+
 
 @implementer(IAgentEndpointFactory)
 class UpstreamEndpoints:
-    """Endpoints for an Agent, each with C{connect_timeout}; https is verified by C{tls}."""
+    """Endpoints for an Agent, each with C{connect_timeout}; https is verified by C{tls}.
 
-    def __init__(self, reactor: object, connect_timeout: float, tls: IPolicyForHTTPS | None = None) -> None:
+    Connects that fail for want of a descriptor are recorded by C{descriptors}.
+    """
+
+    def __init__(self, reactor: object, connect_timeout: float, tls: IPolicyForHTTPS | None = None,
+                 descriptors: DescriptorWatch | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
+        self._descriptors = descriptors
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
@@ -34,6 +41,7 @@ class UpstreamEndpoints:
         else:
             kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
             endpoint = kind(self._reactor, host, uri.port, timeout=self._timeout)
+        endpoint = watched(endpoint, self._descriptors)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
