@@ -91,6 +91,17 @@ $(BENCH_MITM_VENV)/.installed:
 bench: $(BENCH_VENV)/.installed $(BENCH_MITM_VENV)/.installed
 	$(BENCH_ULIMIT) $(BENCH_VENV)/bin/python -m bench.runner $(BENCH_ARGS)
 
+# Single scenarios, each writing its own marked section of docs/benchmarks.md.
+.PHONY: bench-intercept bench-slow-readers bench-tls-abort
+bench-intercept: $(BENCH_VENV)/.installed $(BENCH_MITM_VENV)/.installed
+	$(BENCH_ULIMIT) $(BENCH_VENV)/bin/python -m bench.intercept $(BENCH_ARGS)
+
+bench-slow-readers: $(BENCH_VENV)/.installed
+	$(BENCH_ULIMIT) $(BENCH_VENV)/bin/python -m bench.slow_readers $(BENCH_ARGS)
+
+bench-tls-abort: $(BENCH_VENV)/.installed
+	$(BENCH_ULIMIT) $(BENCH_VENV)/bin/python -m bench.tls_abort $(BENCH_ARGS)
+
 .PHONY: soak
 soak: $(BENCH_VENV)/.installed
 	$(BENCH_ULIMIT) SOAK_SECONDS=$(SOAK_SECONDS) $(BENCH_VENV)/bin/python -m bench.soak

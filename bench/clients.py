@@ -48,11 +48,13 @@ class ProxyRefused(Exception):
     """The proxy answered CONNECT with something other than 200."""
 
 
-async def _connect_via(proxy: tuple[str, int], authority: str) -> socket.socket:
-    """A socket on which C{proxy} has accepted C{CONNECT authority}."""
+async def _connect_via(proxy: tuple[str, int], authority: str, rcvbuf: int | None = None) -> socket.socket:
+    """A socket on which C{proxy} has accepted C{CONNECT authority}; C{rcvbuf} caps its receive buffer."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    if rcvbuf is not None:  # before connecting, so that the window is sized by it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     try:
         await loop.sock_connect(sock, proxy)
         await loop.sock_sendall(sock, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
@@ -70,11 +72,14 @@ async def _connect_via(proxy: tuple[str, int], authority: str) -> socket.socket:
     return sock
 
 
-async def open_client(path: Path, tunnel: bool = False, rate: float | None = None) -> HttpClient:
+async def open_client(path: Path, tunnel: bool = False, rate: float | None = None,
+                      rcvbuf: int | None = None) -> HttpClient:
     """An L{HttpClient} over TLS to inference.local (or, with C{tunnel}, end to end to the upstream).
 
     C{tunnel} through a proxy is C{CONNECT 127.0.0.1:<upstream TLS port>}:
-    a raw tunnel, the client's TLS goes to the upstream.  C{rate} caps reading, in bytes/s.
+    a raw tunnel, the client's TLS goes to the upstream.  C{rate} caps reading, in bytes/s;
+    C{rcvbuf} (through a proxy) caps the socket's receive buffer, so that a rate-capped reader reads
+    in small steps instead of a large autotuned buffer at a time.
     """
     loop = asyncio.get_running_loop()
     ca_file = path.upstream_cert if tunnel else path.ca_file
@@ -84,7 +89,23 @@ async def open_client(path: Path, tunnel: bool = False, rate: float | None = Non
         _, client = await loop.create_connection(factory, *path.upstream_tls, **options)
     else:
         host, port = path.upstream_tls
-        sock = await _connect_via(path.proxy, f"{host}:{port}" if tunnel else INFERENCE_AUTHORITY)
+        sock = await _connect_via(path.proxy, f"{host}:{port}" if tunnel else INFERENCE_AUTHORITY, rcvbuf)
+        _, client = await loop.create_connection(factory, sock=sock, **options)
+    return client
+
+
+async def open_origin(origin: tuple[str, int], ca_file: str, proxy: tuple[str, int] | None = None,
+                      rate: float | None = None) -> HttpClient:
+    """An L{HttpClient} over TLS to the HTTPS origin C{origin} (an IP literal), straight or through
+    C{CONNECT origin} at C{proxy}; C{ca_file} is what the client trusts (an intercepting proxy's CA)."""
+    loop = asyncio.get_running_loop()
+    authority = f"{origin[0]}:{origin[1]}"
+    options: dict[str, Any] = {"ssl": _context(ca_file), "server_hostname": origin[0], "ssl_handshake_timeout": 30}
+    factory = lambda: HttpClient(rate, host=authority)  # noqa: E731
+    if proxy is None:
+        _, client = await loop.create_connection(factory, *origin, **options)
+    else:
+        sock = await _connect_via(proxy, authority)
         _, client = await loop.create_connection(factory, sock=sock, **options)
     return client
 
@@ -127,8 +148,9 @@ class HttpClient(asyncio.Protocol):
     paused whenever more than C{rate} bytes/s have been read.
     """
 
-    def __init__(self, rate: float | None = None) -> None:
+    def __init__(self, rate: float | None = None, host: str = SERVER_NAME) -> None:
         self.transport: asyncio.Transport | None = None
+        self._host = host
         self.bytes_read = 0
         self._rate = rate
         self._rate_start = 0.0
@@ -187,7 +209,7 @@ class HttpClient(asyncio.Protocol):
         if self._lost is not None:
             raise self._lost
         payload = json.dumps(body).encode() if body is not None else b""
-        head = f"{method} {target} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nAccept: */*\r\n"
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self._host}\r\nAccept: */*\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         self._response = Response(time.time(), keep_body, parse_events)

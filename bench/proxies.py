@@ -68,9 +68,11 @@ class Proxy(Process):
             time.sleep(0.05)
 
 
-def start_upstream(work: Path, cert: Path, key: Path) -> tuple[Process, dict[str, int]]:
-    """The bench upstream (bench/upstream.py) and its ports: C{{"plain": ..., "tls": ...}}."""
-    process = Process("upstream", [sys.executable, "-m", "bench.upstream", str(cert), str(key)],
+def start_upstream(work: Path, cert: Path, key: Path, sndbuf: int | None = None) -> tuple[Process, dict[str, int]]:
+    """The bench upstream (bench/upstream.py) and its ports: C{{"plain": ..., "tls": ..., "origin": ...}};
+    C{sndbuf} caps its sockets' send buffers."""
+    argv = [sys.executable, "-m", "bench.upstream", str(cert), str(key)] + ([str(sndbuf)] if sndbuf else [])
+    process = Process("upstream", argv,
                       work / "upstream.log", stdout=subprocess.PIPE, cwd=BENCH_DIR.parent)
     line = process.popen.stdout.readline()
     if not line:
@@ -78,8 +80,10 @@ def start_upstream(work: Path, cert: Path, key: Path) -> tuple[Process, dict[str
     return process, json.loads(line)
 
 
-def start_navtwist(work: Path, ports: dict[str, int]) -> Proxy:
-    """C{twistd -n navtwist} routing inference.local to the upstream, allowing tunnels to its TLS port."""
+def start_navtwist(work: Path, ports: dict[str, int], cert: Path | None = None, extra: dict | None = None) -> Proxy:
+    """C{twistd -n navtwist} routing inference.local to the upstream, allowing tunnels to its TLS port and,
+    given the upstream's C{cert}, intercepting its origin port (read-only, the origin verified against C{cert}).
+    C{extra} is merged into the config's top level."""
     port = free_port()
     ca_dir = work / "navtwist-ca"
     config = {
@@ -95,16 +99,21 @@ def start_navtwist(work: Path, ports: dict[str, int]) -> Proxy:
         }],
         "policy": {"allow": [f"127.0.0.1:{ports['tls']}"]},
         "limits": {"max_connections": 10000},
+        **(extra or {}),
     }
+    if cert is not None:
+        config["policy"]["intercept"] = [
+            {"host": "127.0.0.1", "port": ports["origin"], "access": "read-only", "upstream_ca": str(cert)}]
     config_path = work / "navtwist.yaml"
     config_path.write_text(yaml.safe_dump(config))
     argv = [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path)]
     return Proxy("navtwist", argv, work / "navtwist.log", port, ca_dir / "ca.pem")
 
 
-def start_mitmproxy(work: Path, ports: dict[str, int]) -> Proxy:
+def start_mitmproxy(work: Path, ports: dict[str, int], cert: Path | None = None) -> Proxy:
     """mitmdump streaming every response, inference.local sent to the upstream by bench/mitm_addon.py,
-    CONNECTs to the upstream's TLS port passed through untouched (C{ignore_hosts})."""
+    CONNECTs to the upstream's TLS port passed through untouched (C{ignore_hosts}); any other CONNECT
+    (the origin port) intercepted, the origin verified against C{cert} when given."""
     port = free_port()
     confdir = work / "mitmproxy-conf"
     argv = [
@@ -116,6 +125,8 @@ def start_mitmproxy(work: Path, ports: dict[str, int]) -> Proxy:
         "-s", str(BENCH_DIR / "mitm_addon.py"),
         "--set", f"bench_upstream=127.0.0.1:{ports['plain']}",
     ]
+    if cert is not None:
+        argv += ["--set", f"ssl_verify_upstream_trusted_ca={cert}"]
     return Proxy("mitmproxy", argv, work / "mitmproxy.log", port, confdir / "mitmproxy-ca-cert.pem")
 
 

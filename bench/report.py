@@ -1,7 +1,7 @@
 """Turns results into docs/benchmarks.md (tables, targets) and docs/benchmarks.png (plots).
 
-The soak run (bench/soak.py) owns a marked section of the same page, which
-a bench run keeps as it is (and vice versa).
+Other runs (bench/soak.py, bench/intercept.py, bench/slow_readers.py, bench/tls_abort.py) each own a
+marked section of the same page, which a bench run keeps as it is (and vice versa).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ PAGE = DOCS / "benchmarks.md"
 PLOT = DOCS / "benchmarks.png"
 PATHS = ("direct", "navtwist", "mitmproxy")
 MiB = 1 << 20
-SOAK_BEGIN, SOAK_END = "<!-- soak:begin -->", "<!-- soak:end -->"
 
 Results = dict[str, dict[str, Any]]  # scenario -> path -> result
 Value = Callable[[Results, str], float | None]
@@ -366,26 +365,31 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
 # --- writing, keeping the other run's section -------------------------------------------
 
 
-def _soak_section(text: str) -> str:
-    match = re.search(re.escape(SOAK_BEGIN) + ".*?" + re.escape(SOAK_END), text, re.S)
-    return match.group(0) if match else ""
+def _marked(text: str, name: str | None = None) -> list[str]:
+    """The marked sections (C{<!-- NAME:begin -->} to C{<!-- NAME:end -->}) of C{text}, or only C{name}'s."""
+    pattern = re.escape(name) if name else r"[\w-]+"
+    return [m.group(0) for m in re.finditer(rf"<!-- ({pattern}):begin -->.*?<!-- \1:end -->", text, re.S)]
 
 
 def write_bench(results: dict[str, Any]) -> None:
-    """Write the page (keeping any soak section) and the plot."""
+    """Write the page (keeping the marked sections other runs own) and the plot."""
     DOCS.mkdir(exist_ok=True)
-    soak = _soak_section(PAGE.read_text()) if PAGE.exists() else ""
-    PAGE.write_text(bench_page(results) + ("\n" + soak + "\n" if soak else ""))
+    kept = _marked(PAGE.read_text()) if PAGE.exists() else []
+    PAGE.write_text(bench_page(results) + "".join("\n" + section + "\n" for section in kept))
     plot(results)
 
 
-def write_soak(section: str) -> None:
-    """Put C{section} between the soak markers, replacing the previous one or appending."""
+def write_section(name: str, section: str) -> None:
+    """Put C{section} between C{name}'s markers, replacing the previous one or appending."""
     DOCS.mkdir(exist_ok=True)
     text = PAGE.read_text() if PAGE.exists() else "# Benchmarks: navtwist vs mitmproxy vs direct\n"
-    block = f"{SOAK_BEGIN}\n{section.strip()}\n{SOAK_END}"
-    old = _soak_section(text)
-    PAGE.write_text(text.replace(old, block) if old else text.rstrip("\n") + "\n\n" + block + "\n")
+    block = f"<!-- {name}:begin -->\n{section.strip()}\n<!-- {name}:end -->"
+    old = _marked(text, name)
+    PAGE.write_text(text.replace(old[0], block) if old else text.rstrip("\n") + "\n\n" + block + "\n")
+
+
+def write_soak(section: str) -> None:
+    write_section("soak", section)
 
 
 def sparkline(values: list[float]) -> str:

@@ -3,8 +3,10 @@
 It listens on 127.0.0.1 twice, with the same handler: in plain HTTP (what
 the proxies forward inference requests to) and over TLS with a self-made
 certificate (the direct path, and the destination of CONNECT tunnels).
-Run C{python -m bench.upstream CERT KEY}; it prints one JSON line with its
-two ports once it listens.
+Run C{python -m bench.upstream CERT KEY [SNDBUF]}; it prints one JSON line with its
+ports once it listens.  With C{SNDBUF}, every accepted socket's send buffer is capped
+at that many bytes (loopback benchmarks with many slow streams: an upstream on another
+host would hold that memory, not the proxy's host).
 
 Requests:
 - C{POST .../chat/completions} with a JSON body.  C{body["bench"]} shapes
@@ -22,6 +24,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import sys
 import time
@@ -92,11 +95,14 @@ class _Progress:
 class Upstream:
     """The request handler shared by both listeners."""
 
-    def __init__(self) -> None:
+    def __init__(self, sndbuf: int | None = None) -> None:
         self._progress: dict[str, _Progress] = {}
+        self._sndbuf = sndbuf
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one keep-alive connection until the peer leaves."""
+        if self._sndbuf is not None:
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         try:
             while True:
                 try:
@@ -175,21 +181,24 @@ def _respond(writer: asyncio.StreamWriter, content_type: str, body: bytes, statu
     )
 
 
-async def main(cert: str, key: str) -> None:
+async def main(cert: str, key: str, sndbuf: int | None = None) -> None:
     """Listen in plain HTTP and TLS on ephemeral ports, print them, serve until killed."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["http/1.1"])
-    upstream = Upstream()
+    upstream = Upstream(sndbuf)
     plain = await asyncio.start_server(upstream.serve, "127.0.0.1", 0, backlog=4096)
     tls = await asyncio.start_server(upstream.serve, "127.0.0.1", 0, backlog=4096, ssl=context)
-    ports = {"plain": plain.sockets[0].getsockname()[1], "tls": tls.sockets[0].getsockname()[1]}
+    # The same TLS service on a second port: an origin that proxies intercept (the first is tunnelled).
+    origin = await asyncio.start_server(upstream.serve, "127.0.0.1", 0, backlog=4096, ssl=context)
+    ports = {"plain": plain.sockets[0].getsockname()[1], "tls": tls.sockets[0].getsockname()[1],
+             "origin": origin.sockets[0].getsockname()[1]}
     print(json.dumps(ports), flush=True)
-    await asyncio.gather(plain.serve_forever(), tls.serve_forever())
+    await asyncio.gather(plain.serve_forever(), tls.serve_forever(), origin.serve_forever())
 
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(sys.argv[1], sys.argv[2]))
+        asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None))
     except KeyboardInterrupt:
         pass

@@ -11,7 +11,8 @@ the missing hook and the supported Twisted range, rather than run without it.
 
 Nothing else in navtwist may use a private Twisted name: the rest of the code
 uses the owned names below (L{ChannelHooks}, L{ChunkedDecoderHooks},
-L{MalformedChunkedDataError}, L{set_pool_factory}).
+L{MalformedChunkedDataError}, L{set_pool_factory}, L{IdleCappedPoolHooks},
+L{accept_exhausted}).
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import twisted
-from twisted.internet import _newtls, abstract
+from twisted.internet import _newtls, abstract, tcp
 from twisted.web import _newclient as newclient
 from twisted.web import client, http
 from twisted.web.http_headers import Headers
 
 # Keep in step with the twisted requirement in pyproject.toml.
 SUPPORTED_TWISTED = ">=25.5.0,<27"
+# What twisted.internet.tcp._accept logs when accept() finds no descriptor (it survives and retries).
+_ACCEPT_EXHAUSTED_TEXTS = ("EMFILE encountered;", "Could not accept new connection ({acceptError})")
 
 
 class TwistedIncompatible(ImportError):
@@ -85,6 +88,11 @@ def problems(web_http: ModuleType = http, web_client: ModuleType = client) -> li
                True),
         _method(_newtls._BypassTLS, "loseConnection", ("args", "kwargs")),
         _probe("twisted.internet._newtls.ConnectionMixin.TLS", lambda: _newtls.ConnectionMixin.TLS, False),
+        _method(web_client.HTTPConnectionPool, "_putConnection", ("key", "connection")),
+        _probe("twisted.web.client.HTTPConnectionPool._connections",
+               lambda: web_client.HTTPConnectionPool(None)._connections, {}),
+        _probe("twisted.internet.tcp._accept's EMFILE log events",
+               lambda: all(text in inspect.getsource(tcp._accept) for text in _ACCEPT_EXHAUSTED_TEXTS), True),
         _probe("twisted.protocols.basic.LineReceiver._buffer (the unparsed bytes)",
                lambda: _fed_channel(channel, b"GET / HT")._buffer, b"GET / HT"),
     ]
@@ -277,3 +285,30 @@ def close_beneath_tls(transport: object) -> bool:
         return False
     below.loseConnection()
     return True
+
+
+# --- descriptor exhaustion: the pool's idle connections, the listener's accept loop -------
+
+
+class IdleCappedPoolHooks(client.HTTPConnectionPool):
+    """A pool that keeps a connection that went idle only while C{admits()} (a cap over many pools)."""
+
+    admits: Callable[[], bool] = staticmethod(lambda: True)
+
+    def idle_count(self) -> int:
+        """Idle connections this pool holds now."""
+        return sum(len(connections) for connections in self._connections.values())
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if not self.admits():
+            connection.transport.loseConnection()  # what Twisted does beyond maxPersistentPerHost
+            return
+        super()._putConnection(key, connection)
+
+
+def accept_exhausted(event: Any) -> bool:
+    """Whether a log event is Twisted's listener failing to accept for want of a descriptor."""
+    text = event.get("log_format")
+    if isinstance(text, str) and text.startswith(_ACCEPT_EXHAUSTED_TEXTS[0]):
+        return True
+    return text == _ACCEPT_EXHAUSTED_TEXTS[1] and event.get("acceptError") in ("EMFILE", "ENFILE")

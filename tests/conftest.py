@@ -137,10 +137,11 @@ class ProxyStarter:
         self._directory = directory
         self.started: list[Proxy] = []
 
-    def __call__(self, config: dict[str, Any], args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Proxy:
+    def __call__(self, config: dict[str, Any], args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> Proxy:
         """Start one with C{config} (listen, ca_dir and a short drain filled in),
-        C{args} after C{--config PATH} and C{env} added to the environment."""
-        proxy = spawn_proxy(config, self._directory, len(self.started), args, env)
+        C{args} after C{--config PATH}, C{env} added to the environment, C{preexec_fn} run in the child."""
+        proxy = spawn_proxy(config, self._directory, len(self.started), args, env, preexec_fn)
         self.started.append(proxy)
         _wait_listening(proxy, time.monotonic() + TIMEOUT)
         return proxy
@@ -157,7 +158,7 @@ class ProxyStarter:
 
 
 def spawn_proxy(config: dict[str, Any], directory: Path, index: int, args: tuple[str, ...] = (),
-                env: dict[str, str] | None = None) -> Proxy:
+                env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> Proxy:
     """Start C{twistd -n navtwist} with C{config}; does not wait for it to listen."""
     port = _free_port()
     # A short drain keeps teardown quick when a test leaves a stream in flight.
@@ -169,7 +170,7 @@ def spawn_proxy(config: dict[str, Any], directory: Path, index: int, args: tuple
         process = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "navtwist", "--config", str(config_path), *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=preexec_fn,
         )
     ca_dir = Path(config.get("ca_dir", base["ca_dir"]))
     return Proxy(port, ca_dir / "ca.pem", process, log_path, config_path, base)

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_HOOKS = [(http, "_ChunkedTransferDecoder"), (http, "_MalformedChunkedDataError"), (client, "_HTTP11ClientFactory")]
 HOOKS = [
     (client.HTTPConnectionPool, "_factory"),
+    (client.HTTPConnectionPool, "_putConnection"),
     (http.HTTPChannel, "_respondToBadRequestAndDisconnect"),
     (http.HTTPChannel, "_send100Continue"),
     (http.HTTPChannel, "_abortingCall"),

@@ -208,6 +208,8 @@ def test_fixed_label_series_exist_before_their_first_event(metrics: Metrics) -> 
         assert sample(metrics, "navtwist_upstream_errors_total", kind=kind) == 0
     for kind in ("inference", "forward", "tunnel_up", "tunnel_down"):
         assert sample(metrics, "navtwist_bytes_relayed_total", kind=kind) == 0
+    for operation in ("connect", "accept"):
+        assert sample(metrics, "navtwist_fd_exhausted_total", operation=operation) == 0
 
 
 def test_an_update_that_fails_is_swallowed_and_logged_once(metrics: Metrics) -> None:
@@ -238,6 +240,7 @@ def test_render_is_parseable_exposition(metrics: Metrics) -> None:
         "navtwist_forward_requests": "counter",
         "navtwist_decisions": "counter",
         "navtwist_oversized_events": "counter",
+        "navtwist_fd_exhausted": "counter",
     }
     [served] = [s for s in families["navtwist_requests"].samples if s.name == "navtwist_requests_total"]
     assert served.labels == {"route": "main", "protocol": CHAT, "status": "200", "outcome": "ok"}

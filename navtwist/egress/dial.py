@@ -33,6 +33,7 @@ from navtwist.egress.policy import IPAddress, Policy, check_resolved, is_localho
 from navtwist.intercept.rules import InterceptEntry
 from navtwist.upstream.endpoints import upstream_endpoint
 from navtwist.upstream.parent import parent_refusal
+from navtwist.upstream.descriptors import DescriptorWatch, watched
 
 
 @implementer(IResolutionReceiver)
@@ -56,7 +57,8 @@ class _Addresses:
 
 
 class Egress:
-    """Policy, resolution and dialling, with a deadline on each step."""
+    """Policy, resolution and dialling, with a deadline on each step; C{descriptors} records
+    connects that fail for want of a file descriptor."""
 
     def __init__(
         self,
@@ -67,11 +69,13 @@ class Egress:
         connect_timeout: float,
         parent: UpstreamProxy | None = None,
         own_addresses: Callable[[], frozenset[IPAddress]] | None = None,
+        descriptors: DescriptorWatch | None = None,
     ) -> None:
         """C{own_addresses} gives this host's interface addresses, asked at each
         check (by default read from the kernel, at most once a second)."""
         self._reactor = reactor
         self._parent = parent
+        self._descriptors = descriptors
         self._clock = clock
         self._resolver = resolver
         self.policy = policy
@@ -125,7 +129,7 @@ class Egress:
     def connect(self, address: IPAddress, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Dial exactly C{address} (through the parent proxy, if any, naming C{address}); failures become L{Refusal}."""
         endpoint = upstream_endpoint(self._reactor, str(address), port, self._connect_timeout, self._parent)
-        return endpoint.connect(factory).addErrback(_dial_failed)
+        return watched(endpoint, self._descriptors).connect(factory).addErrback(_dial_failed)
 
 
 def _dial_failed(failure: Failure) -> NoReturn:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.server import Request
@@ -34,6 +34,7 @@ from navtwist.inference.providers import get_provider
 from navtwist.upstream.body import BytesProducer
 from navtwist.upstream.connection import HeadLimits, client_factory, refused_answer
 from navtwist.upstream.decode import DecodeLimits, DecodingAgent
+from navtwist.upstream.descriptors import DescriptorWatch, IdleBudget
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, log_request, refusal_record
 from navtwist.upstream.failures import Cause, classify, describe
@@ -121,12 +122,14 @@ class UpstreamClients:
     C{parent}, routes connect through that parent proxy.
     """
 
-    def __init__(self, reactor: IProxyReactor, limits: Limits = Limits(), parent: UpstreamProxy | None = None) -> None:
+    def __init__(self, reactor: IProxyReactor, limits: Limits = Limits(), parent: UpstreamProxy | None = None,
+                 descriptors: DescriptorWatch | None = None, idle: IdleBudget | None = None) -> None:
         self._reactor = reactor
         self.parent = parent
         self._decode = DecodeLimits(limits.max_decoded_bytes, limits.max_decompression_ratio)
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 128  # idle keep-alive connections kept per upstream
+        self._descriptors = descriptors
+        # Idle keep-alive connections: 128 per upstream, all pools together within the descriptor budget.
+        self.pool = (idle or IdleBudget.for_soft_limit()).pool(reactor, per_host=128)
         self.pool.retryAutomatically = False
         set_pool_factory(self.pool, client_factory(
             HeadLimits(limits.max_response_head_bytes, limits.max_response_headers), limits.socket_buffer_bytes
@@ -139,7 +142,8 @@ class UpstreamClients:
             if route.is_mock:
                 agent = MockAgent(self._reactor)
             else:
-                endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout, parent=self.parent)
+                endpoints = UpstreamEndpoints(self._reactor, route.connect_timeout, parent=self.parent,
+                                              descriptors=self._descriptors)
                 agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=self.pool)
             client = self._clients[route] = make_client(agent, self._decode)
         return client

@@ -45,6 +45,7 @@ _ENTRY = re.compile(r"policy\.allow|policy\.intercept\[\d{1,4}\]|none")
 
 TUNNEL_DECISIONS = ("allowed", "policy_denied", "ssrf_denied", "failed", OTHER)
 BYTE_KINDS = ("inference", "forward", "tunnel_up", "tunnel_down")
+FD_OPERATIONS = ("connect", "accept")
 
 P = ParamSpec("P")
 
@@ -137,6 +138,11 @@ class Metrics:
         upstream_errors = Counter(
             "navtwist_upstream_errors_total", "Failed upstream calls, by kind.", ("kind",), registry=reg,
         )
+        fd_exhausted = Counter(
+            "navtwist_fd_exhausted_total",
+            "Sockets that could not be made for want of a file descriptor, by operation (connect, accept).",
+            ("operation",), registry=reg,
+        )
         self._forward_requests = Counter(
             "navtwist_forward_requests_total", "Forwarded http:// requests, by how they ended.",
             ("status", "outcome"), registry=reg,
@@ -146,6 +152,7 @@ class Metrics:
         self._bytes = {kind: bytes_relayed.labels(kind) for kind in BYTE_KINDS}
         self._tunnels = {decision: tunnels.labels(decision) for decision in TUNNEL_DECISIONS}
         self._upstream_errors = {kind: upstream_errors.labels(kind) for kind in UPSTREAM_ERROR_KINDS}
+        self._fd_exhausted = {operation: fd_exhausted.labels(operation) for operation in FD_OPERATIONS}
 
     @_guarded
     def set_routes(self, route_names: Iterable[str]) -> None:
@@ -202,6 +209,10 @@ class Metrics:
     @_guarded
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors[_label(kind, UPSTREAM_ERROR_KINDS)].inc()
+
+    @_guarded
+    def fd_exhausted(self, operation: str) -> None:
+        self._fd_exhausted[_label(operation, FD_OPERATIONS)].inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format (0.0.4)."""

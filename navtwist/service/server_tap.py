@@ -7,7 +7,7 @@ from typing import Any, Callable, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.client import Agent
 
@@ -23,6 +23,7 @@ from navtwist.intercept.rules import startup_notes
 from navtwist.intercept.resource import InterceptResource
 from navtwist.service.drain import DrainService
 from navtwist.egress.dial import Egress
+from navtwist.upstream.descriptors import DescriptorWatch, IdleBudget, raise_nofile_limit
 from navtwist.upstream.endpoints import UpstreamEndpoints
 from navtwist.egress.forward import ForwardResource
 from navtwist.http.channel import HardenedSite
@@ -121,6 +122,23 @@ class _AfterDrain(service.Service):
         return self._drain.when_drained().addCallback(lambda _: self._inner.stopService())
 
 
+class _DescriptorWatchService(service.Service):
+    """Counts the listener's accept failures from Twisted's log while running (Twisted survives them)."""
+
+    def __init__(self, watch: DescriptorWatch) -> None:
+        self._watch = watch
+        self._observer = cast(ILogObserver, watch.observe)  # a callable is all a log observer is
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self._observer)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        globalLogPublisher.removeObserver(self._observer)
+        self._watch.stop()
+        return super().stopService()
+
+
 def extensions(config: Config, metrics: Metrics) -> Extensions:
     """The plugins C{config} enables (their names were checked when it was loaded)."""
     hooks, observers = select(config.plugins)
@@ -153,22 +171,27 @@ def make_service(
     timeouts = config.timeouts
     metrics = Metrics(route.name for route in config.routes)
     parent = config.upstream_proxy  # read at start: a reload reports a change, not applies it
-    clients = UpstreamClients(reactor, config.limits, parent)
+    descriptors = DescriptorWatch(reactor, metrics.fd_exhausted)
+    idle = IdleBudget.for_soft_limit()
+    clients = UpstreamClients(reactor, config.limits, parent, descriptors, idle)
     router = InferenceRouter(
         config.routes, reactor, clients.client_for, timeouts.write_stall, extensions(config, metrics)
     )
     site = InterceptSite(InferenceDispatcher(router), config.limits, timeouts, reactor)
-    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect, parent=parent)
+    egress = Egress(reactor, reactor, reactor.nameResolver, config.policy, timeouts.connect, parent=parent,
+                    descriptors=descriptors)
     forward = ForwardResource(
         egress,
-        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect, parent=parent), pool=clients.pool),
+        Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor, timeouts.connect, parent=parent,
+                                                              descriptors=descriptors), pool=clients.pool),
         reactor,
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         MetricsListener(metrics),
     )
     forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
     decisions = DecisionLog(config.audit_log, metrics)
-    origins = OriginClients(reactor, timeouts.connect, config.limits, parent=parent)
+    origins = OriginClients(reactor, timeouts.connect, config.limits, parent=parent, descriptors=descriptors,
+                            idle=idle)
     credentials = CredentialSet.create(config.credentials, load_or_create_seed(Path(config.ca_dir)))
     forward.credentials = credentials
     intercept = InterceptResource(
@@ -196,6 +219,7 @@ def make_service(
     drain.setServiceParent(top)
     _UpstreamPoolService(clients).setServiceParent(top)
     _UpstreamPoolService(origins).setServiceParent(top)
+    _DescriptorWatchService(descriptors).setServiceParent(top)
     if config.admin_listen is not None:
 
         def readiness() -> dict[str, bool]:
@@ -261,6 +285,8 @@ def makeService(options: Options) -> service.MultiService:
     reactor = cast(IProxyReactor, installed)
     quiet_until_running(reactor)
     check_before_start(options["navtwist-config"], options.parent)
+    old, new = raise_nofile_limit()  # before make_service sizes the idle-connection budget from it
+    log.info("file descriptor limit (soft RLIMIT_NOFILE): {new} (was {old})", new=new, old=old)
     top = make_service(
         options["navtwist-config"],
         reactor,

@@ -47,6 +47,7 @@ def upstream_endpoint(reactor: IProxyReactor, host: str, port: int, timeout: flo
     if parent.tls:
         to_parent = wrapClientTLS(optionsForClientTLS(parent.host), to_parent)
     return ParentProxyEndpoint(reactor, to_parent, host, port, timeout, parent.authorization)
+from navtwist.upstream.descriptors import DescriptorWatch, watched
 
 
 @implementer(IAgentEndpointFactory)
@@ -56,17 +57,22 @@ class UpstreamEndpoints:
     With C{parent}, a route's endpoint that is a name is named to the parent
     as it is: route endpoints are the operator's, like the parent (which
     often alone can resolve outside names).
+
+    Connects that fail for want of a descriptor are recorded by C{descriptors}.
     """
 
     def __init__(self, reactor: IProxyReactor, connect_timeout: float, tls: IPolicyForHTTPS | None = None,
-                 parent: UpstreamProxy | None = None) -> None:
+                 parent: UpstreamProxy | None = None, descriptors: DescriptorWatch | None = None) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
         self._parent = parent
+        self._descriptors = descriptors
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        endpoint = upstream_endpoint(self._reactor, uri.host.decode("ascii"), uri.port, self._timeout, self._parent)
+        endpoint = watched(
+            upstream_endpoint(self._reactor, uri.host.decode("ascii"), uri.port, self._timeout, self._parent),
+            self._descriptors)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
