@@ -164,10 +164,12 @@ def test_entry_without_rules_or_preset_denies_everything(
 
 
 class _Counting(BaseHTTPRequestHandler):
-    """Reads a request body slowly (about 25 MiB/s) without keeping it, and answers with its size.
+    """Reads a request body at about RATE bytes/s without keeping it, and answers with its size.
 
     Slower than a client can send: without backpressure the proxy would hold the difference.
     """
+
+    RATE = 96 << 20
 
     protocol_version = "HTTP/1.1"
 
@@ -180,7 +182,7 @@ class _Counting(BaseHTTPRequestHandler):
             while chunk := int(self.rfile.readline().split(b";")[0], 16):
                 size += len(self.rfile.read(chunk))
                 self.rfile.readline()
-                time.sleep(chunk / (25 << 20))
+                time.sleep(chunk / self.RATE)
             self.rfile.readline()
         else:
             remaining = int(self.headers.get("content-length", "0"))
@@ -196,7 +198,7 @@ class _Counting(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-def test_large_upload_streams_with_flat_proxy_memory(
+def test_a_gibibyte_upload_streams_with_flat_proxy_memory(
     start_proxy: ProxyStarter, origin_cert: ServerCert
 ) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
@@ -206,7 +208,7 @@ def test_large_upload_streams_with_flat_proxy_memory(
     port = server.server_address[1]
     try:
         proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-write")])
-        size = 96 * 1024 * 1024
+        size = 1 << 30
         block = b"x" * (1 << 20)
         before = proxy.rss_bytes()
         peak = [before]
@@ -219,9 +221,9 @@ def test_large_upload_streams_with_flat_proxy_memory(
 
         response = requests.post(
             f"https://127.0.0.1:{port}/upload", data=body(), proxies={"https": proxy.url},
-            verify=str(proxy.ca_path), timeout=60,  # a generator: sent chunked
+            verify=str(proxy.ca_path), timeout=120,  # a generator: sent chunked
         )
-        assert response.status_code == 200 and response.json() == {"received": size}, (response.status_code, response.text[:300], proxy.log_text()[-3000:])
+        assert response.status_code == 200 and response.json() == {"received": size}, response.text[:300]
         assert peak[0] - before < 24 * 1024 * 1024, f"proxy RSS grew {(peak[0] - before) >> 20} MiB"
     finally:
         server.shutdown()
@@ -315,3 +317,57 @@ def test_an_origin_that_does_not_switch_protocols_is_a_502(
     result = _curl(proxy, f"https://127.0.0.1:{origin.port}/ws", "-H", "Upgrade: websocket", "-H", "Connection: Upgrade")
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "502" and json.loads(body)["error"] == "upgrade_refused", result
+
+
+class _Serving(BaseHTTPRequestHandler):
+    """Serves SIZE bytes as fast as it can write them."""
+
+    protocol_version = "HTTP/1.1"
+    SIZE = 256 << 20
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", str(self.SIZE))
+        self.end_headers()
+        block = b"y" * (1 << 20)
+        try:
+            for _ in range(self.SIZE // len(block)):
+                self.wfile.write(block)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass
+
+
+def test_a_slow_reader_of_an_intercepted_download_keeps_proxy_memory_flat(
+    start_proxy: ProxyStarter, origin_cert: ServerCert
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Serving)
+    server.daemon_threads = True
+    server.socket = origin_cert.server_context().wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-only")])
+        context = ssl.create_default_context(cafile=str(proxy.ca_path))
+        before = proxy.rss_bytes()
+        peak = before
+        with Conn.open(proxy.port, rcvbuf=65536) as conn:
+            conn.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert conn.response(bodyless=True).status == 200
+            conn.start_tls(context, "127.0.0.1")
+            conn.send(f"GET /big HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert conn.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+            received = 0
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:  # 64 KiB every 20 ms: about 3 MiB/s
+                received += len(conn.read_exact(65536))
+                time.sleep(0.02)
+                peak = max(peak, proxy.rss_bytes())
+        # The origin would send 256 MiB at once: the proxy must have paused it, not kept it.
+        assert received >= 4 << 20
+        assert peak - before < 24 << 20, f"proxy RSS grew {(peak - before) >> 20} MiB while a reader took {received >> 20} MiB"
+    finally:
+        server.shutdown()
+        server.server_close()
