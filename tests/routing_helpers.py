@@ -17,7 +17,6 @@ parsers for the proxy's request log lines and /metrics.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -54,26 +53,6 @@ def make_upstream() -> Iterator[Callable[[], Upstream]]:
     yield make
     for server in servers:
         server.stop()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Trickle(Script):
-    """A JSON document with a content-length, sent in C{pieces} parts C{interval} seconds apart."""
-
-    body: Any
-    pieces: int = 10
-    interval: float = 0.3
-
-    def serve(self, conn: _Connection, exchange: Exchange) -> None:
-        payload = json.dumps(self.body).encode("utf-8")
-        conn.send_head(200, [("content-type", "application/json"), ("content-length", str(len(payload)))])
-        size = -(-len(payload) // self.pieces)
-        for i in range(0, len(payload), size):
-            if i:
-                conn.wait_unless_closed(self.interval)
-            conn.send_body(exchange, payload[i:i + size])
-            exchange.events_sent.append((time.monotonic(), payload[i:i + size]))
-        exchange.completed = True
 
 
 class NotTLS:

@@ -226,20 +226,6 @@ def test_connect_head_vector_is_refused(proxy, web, vector: Vector, status: int,
 # --- slow and idle clients ----------------------------------------------------------------
 
 
-def test_dribbled_head_gets_408(channel: Channel):
-    head = channel.request("GET", VECTOR_PATH)[:-2] + b"X-Slow: " + b"a" * 100 + b"\r\n\r\n"
-    start = time.monotonic()
-    for i in range(len(head)):  # one byte every 300 ms, until the proxy answers
-        if channel.conn.readable(0.3):
-            break
-        channel.conn.send(head[i:i + 1])
-    else:
-        pytest.fail("the proxy waited for the whole dribbled head")
-
-    channel.refusal(408, "request_timeout")
-    assert HEAD_READ - 0.5 < time.monotonic() - start < HEAD_READ + 1
-
-
 @pytest.mark.parametrize("channel", ["forwarding-kept-alive", "intercepted", "intercepted-kept-alive"],
                          indirect=True)
 def test_idle_connection_is_closed(channel: Channel):

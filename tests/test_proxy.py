@@ -157,6 +157,17 @@ def test_slow_head_times_out_with_408(factory: ProxyFactory, clock: MemoryReacto
     assert _refusal(transport)[0] == 408
 
 
+def test_dribbled_head_is_408_although_bytes_keep_coming(factory: ProxyFactory, clock: MemoryReactorClock) -> None:
+    protocol, transport = _connect(factory)
+    for byte in b"CONNECT inference.local:443 HTTP/1.1\r\nHost: inference.local:443\r\nX-Slow: " + b"a" * 100:
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(1)
+    assert clock.seconds() == 5  # head_read counts from the connection, not from the last byte
+    assert _refusal(transport)[0] == 408
+
+
 def test_connection_cap_refuses_new_connections_only(factory: ProxyFactory) -> None:
     first, t1 = _connect(factory)
     _connect(factory)

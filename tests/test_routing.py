@@ -217,26 +217,48 @@ def test_finished_call_frees_its_slot() -> None:
     assert len(h.agent.calls) == 2
 
 
+def _exchange_records(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
+
+
 def test_total_timeout_cuts_slow_non_streaming_calls(h: Harness) -> None:
-    h.send("POST", "/v1/embeddings", b'{"input":"x"}')
-    response = FakeResponse(headers={b"content-type": [b"application/json"]})
-    h.agent.calls[0].deferred.callback(response)
-    for _ in range(4):  # keeps trickling: the idle timeout never fires
-        h.clock.advance(12)
-        response.send(b" ")
-    assert not response.transport.stopped
-    h.clock.advance(3)
-    assert response.transport.stopped  # 51 s > total_timeout 50
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.send("POST", "/v1/embeddings", b'{"input":"x"}')
+        response = FakeResponse(headers={b"content-type": [b"application/json"]})
+        h.agent.calls[0].deferred.callback(response)
+        for _ in range(4):  # keeps trickling: the idle timeout never fires
+            h.clock.advance(12)
+            response.send(b" ")
+        assert not response.transport.stopped
+        h.clock.advance(3)
+        assert response.transport.stopped  # 51 s > total_timeout 50
+        response.end(Failure(ResponseFailed([Failure(ConnectionDone())])))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert h.transport.aborted  # the client sees the body cut, not a short body passed off as complete
+    [record] = _exchange_records(events)
+    assert record["outcome"] == "timeout"
 
 
 def test_streams_are_never_cut_by_the_total_timeout(h: Harness) -> None:
-    h.send("POST", "/v1/chat/completions", chat(None))
-    response = FakeResponse()
-    h.agent.calls[0].deferred.callback(response)
-    for _ in range(10):
-        h.clock.advance(15)
-        response.send(b"data: x\n\n")
-    assert not response.transport.stopped
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.send("POST", "/v1/chat/completions", chat(None))
+        response = FakeResponse()
+        h.agent.calls[0].deferred.callback(response)
+        for _ in range(10):  # 150 s in all, past total_timeout 50; each gap within idle_timeout 20
+            h.clock.advance(15)
+            response.send(b"data: x\n\n")
+        assert not response.transport.stopped
+        response.end()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert h.output().endswith(b"data: x\n\n\r\n0\r\n\r\n")  # relayed to its very end
+    [record] = _exchange_records(events)
+    assert record["outcome"] == "ok" and record["duration_ms"] == 150_000
 
 
 def test_reload_takes_new_routes_for_new_requests_only(h: Harness) -> None:

@@ -142,10 +142,9 @@ class InterceptResource(Resource):
     ) -> None:
         """Send an upgrade to the origin on a connection of its own; on 101, splice (see L{navtwist.intercept.upgrade})."""
         host, port = record.host, record.port
-        label = f"{request.method.decode('latin-1')} https://{_authority(host, port)}"
         client = UpgradeClient(upgrade_head(request.method, target, headers, request.requestHeaders),
                                self._max_head, self._clock, self._deadlines.first_byte)
-        dialing = self._egress.destination(host, port, label, intercepted=True)
+        dialing = self._destination(request, host, port)
         dialing.addCallback(lambda address: self._origins.connect(
             host, port, address, entry.upstream_ca_certs, UpgradeClientFactory(client)))
         dialing.addCallback(lambda _: client.answered)
@@ -228,12 +227,16 @@ class InterceptResource(Resource):
     def _decide(self, record: DecisionRecord, started: float) -> None:
         self._decisions.finish(record, started, self._clock.seconds())
 
+    def _destination(self, request: Request, host: str, port: int) -> Deferred[IPAddress]:
+        """The checked address of the origin, for a forwarded request and an upgrade alike."""
+        label = f"{request.method.decode('latin-1')} https://{_authority(host, port)}"
+        return self._egress.destination(host, port, label, intercepted=True)
+
     def _forward(
         self, request: Request, entry: InterceptEntry, target: bytes, headers: Headers,
         record: DecisionRecord, started: float,
     ) -> None:
         host, port = record.host, record.port
-        label = f"{request.method.decode('latin-1')} https://{_authority(host, port)}"
         body = getattr(request, "body", None)  # a StreamingRequest's pipe
 
         def fail(failure: Failure, timed_out: bool) -> str:
@@ -242,7 +245,7 @@ class InterceptResource(Resource):
             return refusal.code
 
         def send() -> Deferred[IResponse]:
-            destination = self._egress.destination(host, port, label, intercepted=True)
+            destination = self._destination(request, host, port)
             return destination.addCallback(self._send, host, port, request.method, entry, target, headers, body)
 
         exchange = Exchange(

@@ -1,8 +1,9 @@
-"""Request bodies sent upstream."""
+"""Request bodies sent upstream, and the discarding of response bodies nobody reads."""
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -27,3 +28,14 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class Discard(Protocol):
+    """Takes a response body nobody will read and closes its connection (a refused
+    answer, a fallback status, a compressed body that cannot be decoded)."""
+
+    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
+    transport: IPushProducer  # type: ignore[assignment]
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()

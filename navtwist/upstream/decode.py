@@ -34,6 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from navtwist.outcome import Outcome
+from navtwist.upstream.body import Discard
 
 log = Logger(namespace="navtwist.decode")
 
@@ -100,20 +101,10 @@ class DecodingAgent:
             return response
         if len(codings) == 1 and codings[0] in GZIP_TOKENS:
             return DecodedResponse(response, self._limits)
-        response.deliverBody(_Refused())
+        response.deliverBody(Discard())
         value = b", ".join(codings)
         log.warn("upstream answer refused: Content-Encoding {value}", value=value[:64].decode("latin-1"))
         raise UnsupportedContentEncoding(value)
-
-
-class _Refused(Protocol):
-    """Takes the body of a refused response and closes its connection (it is never read)."""
-
-    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
-    transport: IPushProducer  # type: ignore[assignment]
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
 
 
 class DecodedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]

@@ -20,14 +20,14 @@ import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
 from navtwist.outcome import Outcome, Refusal, outcome_class
+from navtwist.upstream.body import Discard
 from navtwist.upstream.connection import refused_answer
 from navtwist.upstream.failures import Cause, RouteBusy, StreamCut, UpstreamStatus, classify, describe
 from navtwist.upstream.redact import Redactor
@@ -95,16 +95,6 @@ class ChunkObserver(typing.Protocol):
     def summary(self) -> dict[str, Any]: ...
 
     def ended(self, record: dict[str, Any]) -> None: ...
-
-
-class _Discard(Protocol):
-    """Takes a response nobody will read and closes its connection."""
-
-    # A body's transport is only an IPushProducer (IResponse.deliverBody), not the ITransport Protocol declares.
-    transport: IPushProducer  # type: ignore[assignment]
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
 
 
 class Phase(enum.Enum):
@@ -282,20 +272,20 @@ class Exchange:
         self._settled()
         self._status = response.code
         if self._phase is Phase.LEAVING:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return partial(self._end, Outcome.CLIENT_GONE)
         if response.code in attempt.fallback_on and self._can_fall_back():
             log.info("falling back: {fields} answered {status}", fields=attempt.fields, status=response.code)
             if self._listener is not None:
                 self._listener.attempt_failed(Failure(UpstreamStatus(response.code)), False)
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return partial(self._next, None)
         self._headers_at = self._clock.seconds()
         self._stop_heartbeat()
         if response.code >= 400 and self._listener is not None:
             self._listener.attempt_failed(Failure(UpstreamStatus(response.code)), False)
         if self._phase is Phase.HEARTBEATING and response.code >= 400:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return partial(self._stream_failed, f"inference service answered HTTP {response.code}")
         return self._relay_body(response, attempt)
 
