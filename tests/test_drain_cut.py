@@ -9,6 +9,8 @@ DrainService on a MemoryReactorClock.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -23,6 +25,7 @@ from navtwist.inference.errors import stream_error_event
 from navtwist.inference.router import Extensions
 from navtwist.interfaces import IDrainCut
 from navtwist.listener import ProxyFactory, ProxyProtocol
+from navtwist.outcome import CATEGORIES
 from navtwist.service.drain import CUT_GRACE, POLL_INTERVAL, DrainService
 from navtwist.testing import FakeResolver, FakeResponse, Harness, RecordingTransport, make_harness
 
@@ -240,3 +243,11 @@ def test_drain_aborts_a_cleanly_cut_connection_its_client_keeps_open(h: Harness)
     assert _body(transport.value().partition(b"\r\n\r\n")[2])[1] and not transport.aborted
     h.clock.pump([POLL_INTERVAL] * int(CUT_GRACE / POLL_INTERVAL + 1))
     assert transport.aborted  # the connection never went away: aborted a moment later
+
+
+def test_the_outcomes_documented_are_the_metrics_label_set() -> None:
+    """An operator reads the outcome values (drain_cut among them) in docs/logging.md."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "logging.md").read_text()
+    sentence = text[text.index("A `request`'s `outcome` is one of"):].split("these are also")[0]
+    documented = set(re.findall(r"`([a-z_]+)`(?! label)", sentence.split("is one of", 1)[1]))
+    assert documented == CATEGORIES
