@@ -38,6 +38,15 @@ class IStreamTransport(ITLSTransport, IPushProducer, IConsumer):
     protocol: IProtocol  # what the bytes go to (after startTLS, the TLS layer)
 
 
+class IDrainCut(Interface):
+    """A request's response in flight, as a graceful stop reaches it at its deadline
+    (the request's component: C{request.getComponent(IDrainCut)})."""
+
+    def drain_cut() -> bool:
+        """End the response now because the proxy is shutting down, as cleanly as its
+        framing allows; False when this one cannot be ended so (the caller aborts it)."""
+
+
 @dataclass(eq=False)  # compared and hashed by identity: observers may key state on it
 class InferenceRequest:
     """What request hooks see and may change, and what observers are told about."""

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from navtwist.ca import CertificateAuthority
@@ -41,7 +42,7 @@ from navtwist.http.channel import HardenedChannel
 from navtwist.http.head import BadHead, ProxyHead, parse_authority, parse_head
 from navtwist.http.channel import HardenedSite, raw_json_response
 from navtwist.egress.tunnel import Splice, TunnelUpstream, TunnelUpstreamFactory
-from navtwist.interfaces import IStreamTransport
+from navtwist.interfaces import IDrainCut, IStreamTransport
 from navtwist.upstream.flow import bound_socket_buffers
 
 log = Logger(namespace="navtwist.proxy")
@@ -406,6 +407,24 @@ class ProxyProtocol(Protocol):
             for request in getattr(inner, "requests", ()):
                 if not request.startedWriting:
                     request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def cut_for_drain(self) -> None:
+        """At the drain deadline: end what this connection still carries.
+
+        A response whose exchange can end it cleanly (an event stream is told
+        the proxy is shutting down, then gets its chunked end) is left to do
+        so, and the connection closes after it like any last response; anything
+        else (a tunnel, a call not answered yet) is aborted now.
+        """
+        requests = list(getattr(self._inner, "requests", ())) if self._mode is Mode.HTTP else []
+        if not requests or not all(self._drain_cut(request) for request in requests):
+            self.transport.abortConnection()
+
+    @staticmethod
+    def _drain_cut(request: object) -> bool:
+        """Whether C{request}'s exchange (its L{IDrainCut} component) ends its response itself."""
+        cut = request.getComponent(IDrainCut) if isinstance(request, Request) else None
+        return cut is not None and bool(cut.drain_cut())
 
     def handshakeCompleted(self) -> None:
         self._cancel(self._tls_call)

@@ -52,6 +52,7 @@ class Outcome(str, enum.Enum):
     UPSTREAM_DECODE_LIMIT = "upstream_decode_limit"  # a compressed body past the decoding caps
     UPSTREAM_STATUS = "upstream_status"  # an upstream's 4xx/5xx answer, relayed whole
     TIMEOUT = "timeout"
+    DRAIN_CUT = "drain_cut"  # still streaming at the drain deadline: the proxy ended it (its own category)
     REJECTED = "rejected"  # refused before any upstream answered (busy, policy, bad request)
 
     @property

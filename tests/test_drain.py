@@ -1,12 +1,13 @@
 """DrainService, driven by a MemoryReactorClock: idle connections close at once,
-busy ones are waited for until the deadline and then aborted."""
+busy ones are waited for until the deadline, then cut (streams told, in the
+stream, that the proxy is shutting down) and what is left aborted a moment later."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from twisted.internet.testing import MemoryReactorClock
 
-from navtwist.service.drain import POLL_INTERVAL, DrainService
+from navtwist.service.drain import CUT_GRACE, POLL_INTERVAL, DrainService
 from navtwist.testing import RecordingTransport
 
 TIMEOUT = 5.0
@@ -19,6 +20,7 @@ class Connection:
     is_busy: bool
     transport: RecordingTransport = field(default_factory=RecordingTransport)
     last_response: bool = False
+    cut: bool = False
 
     def busy(self) -> bool:
         return self.is_busy
@@ -28,6 +30,9 @@ class Connection:
 
     def close_after_response(self) -> None:
         self.last_response = True
+
+    def cut_for_drain(self) -> None:
+        self.cut = True
 
 
 @dataclass
@@ -75,11 +80,17 @@ def test_busy_connection_is_left_to_finish() -> None:
     assert done == [None]
 
 
-def test_connection_busy_past_the_deadline_is_aborted() -> None:
+def test_connection_busy_past_the_deadline_is_cut_then_aborted() -> None:
     busy = Connection(is_busy=True)
     factory, clock, done = _drain(busy)
-    clock.advance(TIMEOUT)
-    assert busy.transport.aborted
+    clock.advance(TIMEOUT - POLL_INTERVAL)
+    assert not busy.cut
+    clock.advance(POLL_INTERVAL)
+    assert busy.cut and not busy.transport.aborted  # a stream first gets its error event and chunked end…
+    clock.pump([POLL_INTERVAL] * int(CUT_GRACE / POLL_INTERVAL - 1))
+    assert not busy.transport.aborted
+    clock.pump([POLL_INTERVAL] * 2)  # (a tick either way: the clock's sums are floating point)
+    assert busy.transport.aborted  # …and what is still there a moment later is aborted
     assert done == []  # the stop waits for the aborted connection to be torn down…
     factory.protocols.clear()
     clock.advance(POLL_INTERVAL)
@@ -93,6 +104,18 @@ def test_drain_gives_up_a_second_after_the_deadline() -> None:
     assert stuck.transport.aborted and done == []
     clock.pump([POLL_INTERVAL] * 2)
     assert done == [None]  # …but not for ever
+
+
+def test_connection_cut_cleanly_is_closed_as_idle_before_the_abort() -> None:
+    busy = Connection(is_busy=True)
+    factory, clock, done = _drain(busy)
+    clock.advance(TIMEOUT)
+    busy.is_busy = False  # its stream was ended by the cut
+    clock.advance(POLL_INTERVAL)
+    assert busy.transport.disconnecting and not busy.transport.aborted
+    factory.protocols.clear()
+    clock.advance(POLL_INTERVAL)
+    assert done == [None] and not busy.transport.aborted
 
 
 def test_when_drained_fires_once_the_stop_has_drained() -> None:

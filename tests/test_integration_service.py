@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from navtwist.inference.errors import stream_error_event
 from conftest import TIMEOUT, Tunnel, _free_port, _recv_head
 from routing_helpers import (  # noqa: F401  (fixtures are used by name)
     Fed,
@@ -107,7 +108,10 @@ def test_sigterm_drains_a_stream_in_flight_then_exits(start_proxy, upstream):
     assert record["outcome"] == "ok"
 
 
-def test_drain_timeout_cuts_a_long_stream_and_exits(start_proxy, upstream):
+def test_drain_timeout_ends_a_long_stream_with_an_error_event_and_exits(start_proxy, upstream):
+    """A stream still running at the drain deadline is told in the stream that the
+    proxy is shutting down, then ends with its chunked terminator (no reset), and
+    the request is logged as a drain cut."""
     upstream.script = Stream(events=openai_chat_events(tokens(99)), interval=0.1)  # 100 events: 10 s
     proxy = start_proxy({**routes_config(upstream.url), "drain_timeout": 1})
 
@@ -119,18 +123,20 @@ def test_drain_timeout_cuts_a_long_stream_and_exits(start_proxy, upstream):
         proxy.process.send_signal(signal.SIGTERM)
         text, ended, error = reading.result(timeout=TIMEOUT)
 
-    assert error is not None, "a cut stream looked complete to the client"
+    assert error is None, f"the cut stream did not end cleanly: {error!r}"
     assert 0.8 < ended - terminated < 2.5, f"cut {ended - terminated:.2f} s after SIGTERM"
     assert 5 < text.count("data: ") < 40
     assert "[DONE]" not in text
+    cut = stream_error_event("openai_chat_completions", "response truncated: the proxy is shutting down").decode()
+    assert text.endswith(cut), text[-300:]
     assert proxy.process.wait(1 + 5) == 0
     log = proxy.log_text()
     assert "drain timeout: closing 1 " in log and "Server Shut Down." in log, log
     exchange.wait(3)
     assert exchange.peer_closed_at is not None and not exchange.completed
-    # The proxy cut the stream, not the upstream: the request log must not blame it.
+    # The proxy cut the stream: the request log says so, and blames neither the upstream nor the client.
     [record] = request_records(log)
-    assert "upstream_error" not in (record["outcome"], record["detail"]), record
+    assert (record["outcome"], record["detail"]) == ("drain_cut", "drain_cut"), record
 
 
 def _fill_until_the_kernel_is_full(feed, exchange, event: bytes, proxy, client_port: int, upstream_port: int) -> int:

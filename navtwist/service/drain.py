@@ -4,7 +4,9 @@ On SIGTERM twistd stops the services: the listener stops accepting, idle
 connections are closed at once (inside intercepted TLS too; and connections
 that become idle while draining, as soon as they do), responses in flight are
 their connection's last, and the stop waits until nothing is busy or
-C{timeout} seconds have passed, then aborts what is left.
+C{timeout} seconds have passed.  Then the streams still running are told the
+proxy is shutting down and ended cleanly, and what is left a moment later is
+aborted.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from navtwist.listener import ProxyFactory
 log = Logger(namespace="navtwist.drain")
 
 POLL_INTERVAL = 0.1
+CUT_GRACE = 0.5  # after the deadline: for streams cut cleanly to reach their clients, before the rest is aborted
 
 
 class DrainService(service.Service):
@@ -67,6 +70,7 @@ class DrainService(service.Service):
         busy = sum(1 for p in self._factory.protocols if p.busy())
         log.info("draining: {busy} busy connections, up to {timeout:g} s", busy=busy, timeout=self._timeout)
         self._deadline = self._clock.seconds() + self._timeout
+        self._cut = False
         self._aborted = False
         self._done: Deferred[None] = Deferred()
         self._loop = LoopingCall(self._tick)
@@ -80,10 +84,12 @@ class DrainService(service.Service):
         An idle connection is closed with loseConnection, which first sends
         what its transport still buffers (the tail of a response a slow
         client has not read yet), so the drain waits for the connection to
-        be gone, not merely idle.  At the deadline the rest is aborted, and
-        the stop completes on a later tick, once those connections have been
-        torn down (so each request is logged as cut by the proxy, not by its
-        upstream, which the reactor's shutdown would otherwise close first).
+        be gone, not merely idle.  At the deadline what is busy is cut (a
+        stream ends with an error event and its chunked end, its connection
+        then closing as an idle one), C{CUT_GRACE} later the rest is aborted,
+        and the stop completes on a later tick, once those connections have
+        been torn down (so each request is logged as cut by the proxy, not by
+        its upstream, which the reactor's shutdown would otherwise close first).
         """
         protocols = list(self._factory.protocols)
         if not protocols or (self._aborted and self._clock.seconds() >= self._deadline + 1):
@@ -95,7 +101,13 @@ class DrainService(service.Service):
             for waiter in waiting:
                 waiter.callback(None)
             return
-        if self._clock.seconds() < self._deadline:
+        now = self._clock.seconds()
+        if now >= self._deadline and not self._cut:
+            self._cut = True
+            log.warn("drain timeout: closing {n} busy connections", n=len(protocols))
+            for protocol in protocols:
+                protocol.cut_for_drain()
+        elif now < self._deadline + CUT_GRACE:
             for protocol in protocols:
                 if protocol.busy():
                     protocol.close_after_response()
@@ -103,6 +115,5 @@ class DrainService(service.Service):
                     protocol.close_idle()
         elif not self._aborted:
             self._aborted = True
-            log.warn("drain timeout: closing {n} busy connections", n=len(protocols))
             for protocol in protocols:
                 protocol.transport.abortConnection()

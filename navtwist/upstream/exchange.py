@@ -25,7 +25,9 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from navtwist.interfaces import IDrainCut
 from navtwist.outcome import Outcome, Refusal, outcome_class
 from navtwist.upstream.body import Discard
 from navtwist.upstream.connection import refused_answer
@@ -36,6 +38,7 @@ from navtwist.upstream.relay import ResponseRelay, client_response_headers
 log = Logger(namespace="navtwist.exchange")
 
 HEARTBEAT_COMMENT = b": keep-alive\n\n"
+DRAIN_MESSAGE = "the proxy is shutting down"
 
 
 class ExchangeListener(typing.Protocol):
@@ -139,6 +142,7 @@ _TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
 Step = Callable[[], None]
 
 
+@implementer(IDrainCut)
 class Exchange:
     """Tries C{attempts} in order until one answers, then relays its answer to C{request}.
 
@@ -150,7 +154,8 @@ class Exchange:
     (heartbeats apply, the total deadline does not); C{observe(is_sse)} gives
     an observer of the body; C{listener} hears of failed candidates and of
     the end.  C{fields} describe the call in the one log event written when
-    it ends.
+    it ends.  The exchange is C{request}'s L{IDrainCut} component: a graceful
+    stop ends it through L{drain_cut}.
     """
 
     def __init__(
@@ -189,7 +194,9 @@ class Exchange:
         self._observer: ChunkObserver | None = None
         self._status: int | None = None
         self._headers_at: float | None = None
+        self._left_as = Outcome.CLIENT_GONE  # how an exchange whose client is no longer served ends
         request.notifyFinish().addErrback(self._client_gone)
+        request.setComponent(IDrainCut, self)
 
     def _move(self, event: Event) -> None:
         """Take C{event}: the one place the phase changes."""
@@ -212,7 +219,7 @@ class Exchange:
     def _next(self, failure: Failure | None) -> None:
         """Call the next candidate that admits us; with none left, report C{failure}."""
         if self._phase is Phase.LEAVING:
-            self._end(Outcome.CLIENT_GONE)
+            self._end(self._left_as)
             return
         while self._attempts:
             attempt = self._attempts.pop(0)
@@ -253,7 +260,7 @@ class Exchange:
     def _call_failed(self, failure: Failure, attempt: Attempt) -> Step:
         self._settled()
         if self._phase is Phase.LEAVING:
-            return partial(self._end, Outcome.CLIENT_GONE)
+            return partial(self._end, self._left_as)
         fields = {**self._fields, **attempt.fields}
         refusal = failure.value
         if isinstance(refusal, Refusal) and classify(failure, self._timed_out) is Cause.REFUSED:
@@ -273,7 +280,7 @@ class Exchange:
         self._status = response.code
         if self._phase is Phase.LEAVING:
             response.deliverBody(Discard())
-            return partial(self._end, Outcome.CLIENT_GONE)
+            return partial(self._end, self._left_as)
         if response.code in attempt.fallback_on and self._can_fall_back():
             log.info("falling back: {fields} answered {status}", fields=attempt.fields, status=response.code)
             if self._listener is not None:
@@ -385,6 +392,26 @@ class Exchange:
         elif self._pending is not None:
             self._pending.cancel()
 
+    def drain_cut(self) -> bool:
+        """The proxy stops while this stream still runs: its client is told so in the
+        stream, which then ends with its chunked terminator (a relayed body that is
+        not an event stream is aborted: truncated, it must not look complete).
+        Before any answer, only a heartbeating stream can be ended so."""
+        if self._phase is Phase.RELAYING and self._relay is not None:
+            self._relay.cut(Outcome.DRAIN_CUT, DRAIN_MESSAGE)
+            return True
+        if self._phase is Phase.HEARTBEATING and self._stream_error is not None:
+            self._left_as = Outcome.DRAIN_CUT
+            self._attempts = []
+            self._stop_heartbeat()
+            self._request.write(self._stream_error(DRAIN_MESSAGE))
+            self._request.finish()
+            self._move(Event.CLIENT_LEFT)
+            if self._pending is not None:
+                self._pending.cancel()  # the call ends as one the client left: the record is written then
+            return True
+        return False
+
     def _end(self, detail: Outcome | str) -> None:
         """Write the one record of this exchange (C{detail}: how it ended, or the refusal's code)."""
         if self._phase is Phase.ENDED:
@@ -416,8 +443,8 @@ class Exchange:
 
 
 # Records of these outcomes are logged as warnings: the upstream failed (a
-# stream it cut, an error it caused) or did not answer in time.
-_WARN_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR.value, Outcome.TIMEOUT.value})
+# stream it cut, an error it caused) or did not answer in time, or a stop cut the stream.
+_WARN_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR.value, Outcome.TIMEOUT.value, Outcome.DRAIN_CUT.value})
 
 
 def log_request(record: Mapping[str, Any]) -> None:
