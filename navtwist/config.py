@@ -22,6 +22,7 @@ from navtwist.inference import hooks
 from navtwist.listen_address import parse_listen, same_address
 from navtwist.egress.policy import Policy
 from navtwist.intercept.credentials import Credential, CredentialError, check_bound, parse_credentials
+from navtwist.secret import SecretMissing, checked, read_or_keep
 from navtwist.intercept.rules import InterceptEntry, check_overlap, parse_intercept
 from navtwist.inference.protocols import (
     MODEL_DISCOVERY,
@@ -64,6 +65,10 @@ class Route:
     fallback_on: tuple[int, ...] = (429, 500, 502, 503, 504)
     heartbeat: float | None = None  # seconds between SSE comments while waiting for a stream
     max_concurrent: int | None = None  # beyond it: the next candidate, else 429
+    # Where api_key came from, not what the route is: the variable read (None:
+    # literal or no key), and on a reload why the previous key was kept.
+    api_key_env: str | None = field(default=None, compare=False)
+    key_kept_because: str | None = field(default=None, compare=False)
 
     @property
     def is_mock(self) -> bool:
@@ -160,7 +165,8 @@ def parse_config(
     With C{require_keys} false, an unset key variable leaves the key empty:
     for tools that read the config but never call an upstream.  With
     C{previous} (a reload), a credential whose secret cannot be read now
-    keeps its previous secret (see L{parse_credentials}).
+    keeps its previous secret (see L{parse_credentials}), and so does a
+    route's C{api_key_env} (see L{_api_key}).
 
     @raise ConfigError: for the first problem found.
     """
@@ -172,7 +178,10 @@ def parse_config(
         listen=_endpoint(top, "listen", "", defaults["listen"]),
         ca_dir=_string(top, "ca_dir", "", defaults["ca_dir"]),
         routes=_check_fallbacks(
-            tuple(_route(entry, f"routes[{i}]", environ, require_keys) for i, entry in enumerate(routes))
+            tuple(
+                _route(entry, f"routes[{i}]", environ, require_keys, previous.routes if previous is not None else ())
+                for i, entry in enumerate(routes)
+            )
         ),
         limits=_section(top, "limits", Limits, _integer),
         timeouts=_section(top, "timeouts", Timeouts, _number),
@@ -259,7 +268,9 @@ def with_overrides(config: Config, listen: str | None, ca_dir: str | None) -> Co
     ))
 
 
-def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bool) -> Route:
+def _route(
+    data: object, path: str, environ: Mapping[str, str], require_keys: bool, previous: tuple[Route, ...]
+) -> Route:
     route = _mapping(data, path, _ROUTE_KEYS)
     name = _required_string(route, "name", path)
     endpoint = _required_string(route, "endpoint", path)
@@ -269,12 +280,15 @@ def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bo
     defaults = _defaults(Route)
     passthrough = _bool(route, "passthrough_model", path, False)
     model = _string(route, "model", path, "") if passthrough else _required_string(route, "model", path)
+    protocols = _protocols(route, path)
+    api_key, api_key_env, kept_because = _api_key(
+        route, path, environ, _scheme(endpoint) == "mock", require_keys, [r for r in previous if r.name == name])
     return Route(
         name=name,
         endpoint=endpoint,
         model=model,
-        protocols=_protocols(route, path),
-        api_key=_api_key(route, path, environ, _scheme(endpoint) == "mock", require_keys),
+        protocols=protocols,
+        api_key=api_key,
         provider_type=_provider_type(route, path),
         models=_models(route, path),
         passthrough_model=passthrough,
@@ -282,6 +296,8 @@ def _route(data: object, path: str, environ: Mapping[str, str], require_keys: bo
         fallback_on=_status_list(route, "fallback_on", path, defaults["fallback_on"]),
         heartbeat=_number(route, "heartbeat", path, None),
         max_concurrent=_integer(route, "max_concurrent", path, None),
+        api_key_env=api_key_env,
+        key_kept_because=kept_because,
         **{key: _number(route, key, path, defaults[key]) for key in _ROUTE_TIMEOUTS},
     )
 
@@ -325,29 +341,41 @@ def _protocols(route: Mapping[Any, object], path: str) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _api_key(route: Mapping[Any, object], path: str, environ: Mapping[str, str], mock: bool, require: bool) -> str:
-    """Resolve the route's key now, so a missing variable stops start-up."""
+def _api_key(
+    route: Mapping[Any, object], path: str, environ: Mapping[str, str], mock: bool, require: bool,
+    same_name: list[Route],
+) -> tuple[str, str | None, str | None]:
+    """Resolve the route's key now, so a missing variable stops start-up: the
+    key, the variable it was read from, and the warning when it was kept.
+
+    The same path as the credentials' secrets (navtwist/secret.py): the same
+    characters allowed, and on a reload (C{same_name}: the routes in use with
+    this name) a variable that became unset, empty or unusable keeps the key
+    a route of this name read from it, with a warning, instead of failing
+    the whole reload.
+    """
     key = _string(route, "api_key", path, None)
     env = _string(route, "api_key_env", path, None)
     if key is not None and env is not None:
         raise ConfigError(f"{path}: both api_key and api_key_env are set; use one")
-    if env is not None:
-        where = _join(path, "api_key_env")
-        key = environ.get(env, "")
-        if not key and not require:
-            return ""
-        if not key:
-            raise ConfigError(f"{where}: environment variable {env!r} is not set or is empty")
-    elif key is not None:
-        where = _join(path, "api_key")
-    elif mock:
-        return ""
-    else:
-        raise ConfigError(f"{path}: neither api_key nor api_key_env is set")
-    if _has_space_or_control(key):
-        # The key goes into a header line; CR/LF would let it forge headers.
-        raise ConfigError(f"{where}: the key contains whitespace or control characters")
-    return key
+    try:
+        if env is not None:
+            where = _join(path, "api_key_env")
+            in_use = next((r.api_key for r in same_name if r.api_key_env == env and r.api_key), None)
+            try:
+                secret, kept_because = read_or_keep("env", env, environ, where, in_use)
+            except SecretMissing:
+                if not require:
+                    return "", env, None
+                raise ConfigError(f"{where}: environment variable {env!r} is not set or is empty") from None
+            return secret, env, kept_because
+        if key is not None:
+            return checked(key, f"{_join(path, 'api_key')}: the key"), None, None
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    if mock:
+        return "", None, None
+    raise ConfigError(f"{path}: neither api_key nor api_key_env is set")
 
 
 def _provider_type(route: Mapping[Any, object], path: str) -> str | None:

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "navtwist"
 # Smaller runs earlier on the data path; the shell (service) is above all.
 STAGES = {"service": 0, "listener": 1, "http": 2, "egress": 3, "intercept": 3, "inference": 4, "upstream": 5}
 # Definitions every stage may read; they import no stage themselves.
-LEAVES = {"config", "ca", "interfaces", "outcome", "compat", "decisions", "listen_address"}
+LEAVES = {"config", "ca", "interfaces", "outcome", "compat", "decisions", "listen_address", "secret"}
 # Extensions and test helpers sit outside the data path and may import anything.
 OUTSIDE = {"plugins", "testing", "__init__"}
 # config reads the vocabularies it validates against; each imports no stage module itself.

@@ -14,6 +14,7 @@ from twisted.plugin import IPlugin, getPlugins
 from zope.interface import implementer
 
 from navtwist.interfaces import IProviderProfile
+from navtwist.secret import wire_bytes
 
 DEFAULT_PROVIDER = "openai"
 
@@ -46,9 +47,11 @@ class ProviderProfile:
     default_headers: tuple[tuple[bytes, bytes], ...] = field(default=())
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
+        """The key after the scheme, in the bytes every injected secret is
+        sent as (the credentials' placeholders are replaced by the same)."""
         if not api_key:
             return []
-        return [(self.auth_header, self.auth_scheme + api_key.encode("utf-8"))]
+        return [(self.auth_header, self.auth_scheme + wire_bytes(api_key))]
 
     def url(self, endpoint: str, uri: bytes) -> bytes:
         return openshell_url(endpoint, uri)

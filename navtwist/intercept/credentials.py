@@ -36,10 +36,13 @@ from typing import Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from navtwist.egress.policy import InterceptTarget, Policy, normalize_host
+# Reading, the reload rule and the wire form are shared with the inference
+# routes' keys (navtwist/secret.py); CredentialError and MAX_SECRET_FILE_BYTES
+# stay this module's public names too.
+from navtwist.secret import MAX_SECRET_FILE_BYTES, CredentialError, read_or_keep, wire_bytes
 
 SEED_NAME = "placeholder.key"
 SEED_BYTES = 32
-MAX_SECRET_FILE_BYTES = 64 * 1024  # far beyond any token; a header could not carry more
 KEYS = ("env", "file", "sandbox_env", "hosts")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a log field and a metrics label
@@ -60,14 +63,6 @@ ALNUM = ALPHA + DIGITS
 _ALPHABET_NAMES = {DIGITS: "digits", HEX: "hex", UPPER_ALNUM: "upper-alnum", ALPHA: "alpha", ALNUM: "alnum"}
 MIN_PLACEHOLDER_BITS = 64  # below this a shaped placeholder could be guessed or occur by chance
 GENERIC_RANDOM_CHARS = 32
-
-
-class CredentialError(ValueError):
-    """One line naming the key path or the credential, never a secret.
-
-    A C{ValueError}, like the policy's errors, so the config loader can turn
-    it into a C{ConfigError} without this module importing the config.
-    """
 
 
 # --- configuration -------------------------------------------------------------------
@@ -186,13 +181,10 @@ def _with_secret(
 ) -> Credential:
     """C{credential} with its secret read now; if that fails and C{old} reads
     from the same place, C{old}'s secret, with the reason in C{kept_because}."""
-    try:
-        secret = read_secret(credential.source, credential.location, environ, where)
-    except CredentialError as exc:
-        if old is None or (old.source, old.location) != (credential.source, credential.location):
-            raise
-        return replace(credential, secret=old.secret, kept_because=f"{exc}; keeping the previous value")
-    return replace(credential, secret=secret, kept_because=None)
+    same_place = old is not None and (old.source, old.location) == (credential.source, credential.location)
+    in_use = old.secret if old is not None and same_place else None  # the secret in use, from this same place
+    secret, kept_because = read_or_keep(credential.source, credential.location, environ, where, in_use)
+    return replace(credential, secret=secret, kept_because=kept_because)
 
 
 def parse_binding(item: object, where: str) -> Binding:
@@ -246,36 +238,6 @@ def _prefix(text: str, item: str, where: str) -> bytes | None:
         raise CredentialError(f"{where}: {item!r}: the path prefix has an empty, '.' or '..' segment")
     stripped = text.rstrip("/")
     return stripped.encode("ascii") if stripped else None
-
-
-def read_secret(source: str, location: str, environ: Mapping[str, str], where: str) -> str:
-    """The secret from environment variable or file C{location}, surrounding
-    whitespace (a file's final newline) removed.
-
-    @raise CredentialError: when it is unset, empty, unreadable, or holds
-        characters a header cannot carry safely (whitespace, control, non-ASCII).
-    """
-    described = f"{where}: secret from {source} {location}"
-    if source == "env":
-        if location not in environ:
-            raise CredentialError(f"{described} is not set")
-        text = environ[location]
-    else:
-        try:
-            with open(location, "rb") as f:
-                data = f.read(MAX_SECRET_FILE_BYTES + 1)
-        except OSError as exc:
-            raise CredentialError(f"{described} cannot be read: {exc.strerror}") from None
-        if len(data) > MAX_SECRET_FILE_BYTES:
-            raise CredentialError(f"{described} is larger than {MAX_SECRET_FILE_BYTES} bytes")
-        text = data.decode("latin-1")  # checked to be ASCII below
-    secret = text.strip()
-    if not secret:
-        raise CredentialError(f"{described} is empty")
-    if not all("!" <= c <= "~" for c in secret):
-        # CR/LF would forge headers; other bytes would not survive every position.
-        raise CredentialError(f"{described} contains whitespace, control or non-ASCII characters")
-    return secret
 
 
 def check_bound(
@@ -522,8 +484,8 @@ class CredentialSet:
             _Entry(
                 c.name,
                 placeholders[c.name].encode("ascii"),
-                c.secret.encode("ascii"),
-                quote_from_bytes(c.secret.encode("ascii"), safe="").encode("ascii"),
+                wire_bytes(c.secret),
+                quote_from_bytes(wire_bytes(c.secret), safe="").encode("ascii"),
                 c.hosts,
             )
             for c in self.credentials

@@ -234,6 +234,9 @@ def make_service(
     if reload is not None:
 
         def apply(new: Config) -> None:
+            for route in new.routes:
+                if route.key_kept_because:
+                    log.warn("{warning}", warning=route.key_kept_because)
             router.replace_routes(new.routes)
             router.extensions = extensions(new, metrics)
             metrics.set_routes(route.name for route in new.routes)
