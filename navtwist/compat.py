@@ -12,7 +12,7 @@ the missing hook and the supported Twisted range, rather than run without it.
 Nothing else in navtwist may use a private Twisted name: the rest of the code
 uses the owned names below (L{ChannelHooks}, L{ChunkedDecoderHooks},
 L{MalformedChunkedDataError}, L{set_pool_factory}, L{IdleCappedPoolHooks},
-L{accept_exhausted}).
+L{accept_exhausted}, L{accept_exhaustion_line}).
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from twisted.web.http_headers import Headers
 SUPPORTED_TWISTED = ">=25.5.0,<27"
 # What twisted.internet.tcp._accept logs when accept() finds no descriptor (it survives and retries).
 _ACCEPT_EXHAUSTED_TEXTS = ("EMFILE encountered;", "Could not accept new connection ({acceptError})")
+# The rest of its EMFILE recovery: one line per client it closes, one when it re-reserves.
+_ACCEPT_RECOVERY_TEXTS = ("EMFILE recovery:", "Re-reserving EMFILE recovery file descriptor.")
 
 
 class TwistedIncompatible(ImportError):
@@ -92,7 +94,8 @@ def problems(web_http: ModuleType = http, web_client: ModuleType = client) -> li
         _probe("twisted.web.client.HTTPConnectionPool._connections",
                lambda: web_client.HTTPConnectionPool(None)._connections, {}),
         _probe("twisted.internet.tcp._accept's EMFILE log events",
-               lambda: all(text in inspect.getsource(tcp._accept) for text in _ACCEPT_EXHAUSTED_TEXTS), True),
+               lambda: all(text in inspect.getsource(tcp._accept)
+                                   for text in _ACCEPT_EXHAUSTED_TEXTS + _ACCEPT_RECOVERY_TEXTS), True),
         _probe("twisted.protocols.basic.LineReceiver._buffer (the unparsed bytes)",
                lambda: _fed_channel(channel, b"GET / HT")._buffer, b"GET / HT"),
     ]
@@ -312,3 +315,10 @@ def accept_exhausted(event: Any) -> bool:
     if isinstance(text, str) and text.startswith(_ACCEPT_EXHAUSTED_TEXTS[0]):
         return True
     return text == _ACCEPT_EXHAUSTED_TEXTS[1] and event.get("acceptError") in ("EMFILE", "ENFILE")
+
+
+def accept_exhaustion_line(event: Any) -> bool:
+    """Whether a log event is one of the lines Twisted's accept loop writes at the descriptor limit
+    (up to three per refused client), which L{accept_exhausted} counts or which follow one."""
+    text = event.get("log_format")
+    return accept_exhausted(event) or (isinstance(text, str) and text.startswith(_ACCEPT_RECOVERY_TEXTS))

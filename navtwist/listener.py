@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import typing
+from typing import Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
@@ -466,6 +467,8 @@ class ProxyProtocol(Protocol):
             self._factory.active -= 1
             self._factory.protocols.discard(self)
             self._counted = False
+            if self._factory.closed is not None:
+                self._factory.closed()
         dialing, self._dialing = self._dialing, None
         if dialing is not None:
             dialing.cancel()
@@ -503,6 +506,7 @@ class ProxyFactory(Factory):
         *,
         intercept_site: HardenedSite,
         decisions: DecisionLog | None = None,
+        closed: Callable[[], None] | None = None,
     ) -> None:
         self.ca = ca
         self.metrics = metrics
@@ -518,6 +522,7 @@ class ProxyFactory(Factory):
         self.draining = False
         self.protocols: set[ProxyProtocol] = set()  # open client connections, for draining
         self.handshake_failures = HandshakeFailures(clock)
+        self.closed = closed  # called after each counted connection closes (the service's cycle collector)
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         return ProxyProtocol(self)

@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-from navtwist.compat import accept_exhausted
+from navtwist.compat import accept_exhausted, accept_exhaustion_line
 from navtwist.egress.dial import Egress
 from navtwist.egress.policy import Policy
 from navtwist.outcome import Refusal
@@ -114,6 +114,17 @@ def test_twisted_accept_loop_exhaustion_events_are_recognised() -> None:
     assert not accept_exhausted({"log_format": "Could not accept new connection ({acceptError})",
                                  "acceptError": "ECONNABORTED"})
     assert not accept_exhausted({"log_format": "something else"})
+
+
+def test_every_line_of_twisteds_accept_recovery_is_recognised() -> None:
+    assert accept_exhaustion_line({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
+    assert accept_exhaustion_line({"log_format": "EMFILE recovery: Closed socket from {address}"})
+    assert accept_exhaustion_line({"log_format": "Re-reserving EMFILE recovery file descriptor."})
+    assert accept_exhaustion_line({"log_format": "Could not accept new connection ({acceptError})",
+                                   "acceptError": "ENFILE"})
+    assert not accept_exhaustion_line({"log_format": "Could not accept new connection ({acceptError})",
+                                       "acceptError": "ENOBUFS"})
+    assert not accept_exhaustion_line({"log_format": "something else"})
     watch = DescriptorWatch(Clock(), lambda operation: None)
     watch.observe({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
     assert watch.total == 1

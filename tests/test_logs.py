@@ -197,3 +197,26 @@ def test_a_request_is_one_request_event_in_the_log_file(tmp_path: Path) -> None:
     [listening] = [e for e in events if e["event"] == "listening"]
     assert listening["message"] == f"navtwist listening on 127.0.0.1:{port}"
     assert os.path.getsize(logfile) < 600 * len(events)
+
+
+def test_twisteds_accept_lines_at_the_descriptor_limit_are_left_out() -> None:
+    import io
+
+    from navtwist.service.logs import JSONLinesObserver
+
+    file = io.StringIO()
+    observer = JSONLinesObserver(file)
+    base = {"log_level": LogLevel.info, "log_namespace": "twisted.internet.tcp.Port", "log_time": 0.0}
+    flood = [
+        {"log_format": "EMFILE encountered; releasing reserved file descriptor."},
+        {"log_format": "EMFILE recovery: Closed socket from {address}", "address": ["127.0.0.1", 4000]},
+        {"log_format": "Re-reserving EMFILE recovery file descriptor."},
+        {"log_format": "Could not accept new connection ({acceptError})", "acceptError": "EMFILE"},
+    ]
+    for event in flood * 100:
+        observer({**base, **event})
+    observer({**base, "log_format": "Could not accept new connection ({acceptError})", "acceptError": "ENOBUFS"})
+    observer({**base, "log_format": "out of file descriptors: {counts}", "counts": "400 accept",
+              "log_level": LogLevel.error, "log_namespace": "navtwist"})
+    lines = [json.loads(line)["message"] for line in file.getvalue().splitlines()]
+    assert lines == ["Could not accept new connection (ENOBUFS)", "out of file descriptors: 400 accept"]

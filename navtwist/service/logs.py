@@ -31,6 +31,8 @@ from twisted.logger import FileLogObserver, ILogObserver, LogEvent, LogLevel, fo
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
+from navtwist.compat import accept_exhaustion_line
+
 DEFAULT_DAEMON_LOGFILE = "twistd.log"  # what twistd itself uses for a daemon without --logfile
 DAEMON_UMASK = 0o077  # what twistd applies to a daemon without --umask
 
@@ -117,11 +119,21 @@ class Rotation:
 
 
 class JSONLinesObserver(FileLogObserver):
-    """Writes each event to C{file} as one line of JSON, and flushes."""
+    """Writes each event to C{file} as one line of JSON, and flushes.
+
+    Left out: the lines Twisted's accept loop writes at the descriptor limit,
+    up to three per refused client (thousands in seconds); the
+    L{DescriptorWatch<navtwist.upstream.descriptors.DescriptorWatch>} counts
+    them and says "out of file descriptors" once per interval instead.
+    """
 
     def __init__(self, file: IO[Any]) -> None:
         super().__init__(file, json_line)
         self.file = file
+
+    def __call__(self, event: LogEvent) -> None:
+        if not accept_exhaustion_line(event):
+            super().__call__(event)
 
 
 def log_path_for(twistd_options: Any) -> str | None:

@@ -21,6 +21,7 @@ from navtwist.intercept.credentials import CredentialSet, load_or_create_seed
 from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.rules import startup_notes
 from navtwist.intercept.resource import InterceptResource
+from navtwist.service.collect import ClosedCollector
 from navtwist.service.drain import DrainService
 from navtwist.egress.dial import Egress
 from navtwist.upstream.descriptors import DescriptorWatch, IdleBudget, raise_nofile_limit
@@ -208,9 +209,10 @@ def make_service(
     intercept_site = HardenedSite(intercept, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
     forward.intercept = intercept
     forward.decisions = decisions
+    collector = ClosedCollector(reactor, lambda: factory.active)
     factory = ProxyFactory(
         ca, site, forward_site, egress, config.limits, timeouts, reactor, metrics,
-        intercept_site=intercept_site, decisions=decisions,
+        intercept_site=intercept_site, decisions=decisions, closed=collector.closed,
     )
 
     top = service.MultiService()
