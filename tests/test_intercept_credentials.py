@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from navtwist.intercept import credentials as creds
+from navtwist.secret import MAX_SECRET_FILE_BYTES
 from navtwist.intercept.credentials import (
     Binding,
     Credential,
@@ -174,7 +175,7 @@ def test_unusable_secret_is_an_error_naming_the_credential_not_the_value(environ
         (b"", "is empty"),
         (b"\n\n", "is empty"),
         (b"ghp_\xc3\xa9secretvalue", "contains whitespace, control or non-ASCII characters"),
-        (b"x" * (creds.MAX_SECRET_FILE_BYTES + 1), f"is larger than {creds.MAX_SECRET_FILE_BYTES} bytes"),
+        (b"x" * (MAX_SECRET_FILE_BYTES + 1), f"is larger than {MAX_SECRET_FILE_BYTES} bytes"),
     ],
 )
 def test_unusable_secret_file(tmp_path: Path, content: bytes | None, message: str) -> None:

@@ -37,9 +37,8 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from navtwist.egress.policy import InterceptTarget, Policy, normalize_host
 # Reading, the reload rule and the wire form are shared with the inference
-# routes' keys (navtwist/secret.py); CredentialError and MAX_SECRET_FILE_BYTES
-# stay this module's public names too.
-from navtwist.secret import MAX_SECRET_FILE_BYTES, CredentialError, read_or_keep, wire_bytes
+# routes' keys (navtwist/secret.py).
+from navtwist.secret import CredentialError, read_or_keep, wire_bytes
 
 SEED_NAME = "placeholder.key"
 SEED_BYTES = 32
