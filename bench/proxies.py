@@ -131,6 +131,8 @@ def start_mitmproxy(work: Path, ports: dict[str, int], cert: Path | None = None)
 
 
 def mitmproxy_version() -> str:
+    if not MITMDUMP.exists():  # the single-scenario targets run without bench/.venv-mitm
+        return "not installed"
     out = subprocess.run([str(MITMDUMP), "--version"], capture_output=True, text=True, timeout=60).stdout
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Mitmproxy:")), "?")
 

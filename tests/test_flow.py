@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import socket
+import struct
+import time
+from typing import Any
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from navtwist.testing import Harness, make_harness
 from navtwist.egress.tunnel import Splice
-from navtwist.upstream.flow import StallWatch, bound_socket_buffers, unsent_bytes
+from navtwist.upstream.flow import StallWatch, accepted_bytes, bound_socket_buffers
 
 TIMEOUT = 20.0
 
@@ -79,6 +82,48 @@ def test_a_resume_is_progress() -> None:
     assert len(clock.getDelayedCalls()) <= 1  # one pending check, not one per pause
 
 
+class _KernelSocket(socket.socket):
+    """A socket whose TCP_INFO reports C{acked}: the bytes its peer has acknowledged, set by hand."""
+
+    acked = 0
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> Any:
+        if (level, option) != (socket.IPPROTO_TCP, socket.TCP_INFO):
+            return super().getsockopt(level, option, buflen)
+        return bytes(120) + struct.pack("Q", self.acked) + bytes(max(0, buflen - 128))
+
+
+class _StartedTLS(Draining):
+    """Like Twisted's TCP transport after C{startTLS}: its getHandle is the TLS layer's (no socket),
+    its own socket is still its C{socket}, its write buffer holds ciphertext."""
+
+    def __init__(self) -> None:
+        super().__init__(buffered=64 * 1024)
+        self.socket = _KernelSocket()
+
+    def getHandle(self) -> object:
+        return object()  # an OpenSSL Connection
+
+    def reader_takes(self, count: int) -> None:
+        """The reader takes C{count} bytes; the writer refills both buffers at once (still paused)."""
+        self.socket.acked += count
+
+
+def test_reader_accepting_bytes_under_tls_is_not_stalled_while_the_buffers_are_refilled() -> None:
+    transport = _StartedTLS()
+    clock, stall, stalled = watch(transport)
+    try:
+        stall.paused()
+        for _ in range(int(TIMEOUT * 4)):  # the unsent count never falls: what was taken was refilled
+            clock.advance(1)
+            transport.reader_takes(2000)
+        assert not stalled
+        tick(clock, TIMEOUT + TIMEOUT / 4 + 1)  # now it takes nothing
+        assert stalled == [True]
+    finally:
+        transport.socket.close()
+
+
 def test_relay_keeps_a_slow_reading_client(harness_transport: tuple[Harness, Draining]) -> None:
     harness, transport = harness_transport
     harness.send("POST", "/v1/chat/completions", b'{"stream":true}')
@@ -122,8 +167,17 @@ def test_tunnel_keeps_a_slow_reading_side() -> None:
     assert getattr(client, "aborted", False) or client.disconnecting
 
 
+def _fill(sock: socket.socket) -> None:
+    """Write to non-blocking C{sock} until its send buffer is full."""
+    try:
+        while True:
+            sock.send(b"y" * 4096)
+    except BlockingIOError:
+        pass
+
+
 @pytest.mark.integration
-def test_unsent_bytes_counts_the_kernel_send_queue() -> None:
+def test_accepted_bytes_grow_as_the_peer_reads_though_the_send_queue_is_refilled() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     writer = socket.create_connection(server.getsockname())
     reader, _ = server.accept()
@@ -131,20 +185,19 @@ def test_unsent_bytes_counts_the_kernel_send_queue() -> None:
         bound_socket_buffers(_Handle(writer), 16384)
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         writer.setblocking(False)
-        sent = 0
-        try:
-            while True:
-                sent += writer.send(b"y" * 4096)
-        except BlockingIOError:
-            pass
-        before = unsent_bytes(_Handle(writer))
+        _fill(writer)
+        before = accepted_bytes(_Handle(writer))
         assert before is not None and before > 0
         assert writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * 16384
         got = 0
         while got < 8192:
             got += len(reader.recv(8192))
-        after = unsent_bytes(_Handle(writer))
-        assert after is not None and after < before
+        deadline = time.monotonic() + 5
+        while (after := accepted_bytes(_Handle(writer))) == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # the window update is on its way
+        _fill(writer)  # what the reader took is refilled: nothing less is unsent than before
+        assert after is not None and after > before
+        assert (accepted_bytes(_Handle(writer)) or 0) >= after
     finally:
         for sock in (writer, reader, server):
             sock.close()

@@ -141,3 +141,23 @@ class TestWriteStall:
         except (ConnectionError, ssl.SSLError):  # the proxy aborted: a reset, maybe as TLS reports it
             pass
         assert received < 32 * MiB, "the proxy kept the stalled connection"
+
+    def test_steady_slow_reader_inside_intercepted_tls_is_kept(self, upstream, open_tunnel):
+        # 40 KB/s: the proxy's kernel send buffer (2 x 256 KiB) takes seconds to drain
+        # far enough to accept more, so its write buffer stays full for many write_stalls.
+        upstream.script = Firehose(total=200 * MiB)
+        tunnel = open_tunnel(rcvbuf=16 * KiB)
+        tunnel.request("POST", "/v1/chat/completions", CHAT)
+        assert tunnel.read_head()[0] == 200
+        received = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            try:
+                chunk = tunnel.recv(4 * KiB)
+            except (ConnectionError, ssl.SSLError):  # aborted
+                chunk = b""
+            assert chunk, f"the proxy dropped a client that read {received} bytes at 40 KB/s"
+            received += len(chunk)
+            time.sleep(0.1)
+        assert not upstream.only().peer_closed_at
+

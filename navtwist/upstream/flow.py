@@ -3,10 +3,13 @@
 A reader is stalled when it has taken nothing for C{write_stall} seconds, not
 when the writer has been paused that long: a slow but steady reader keeps a
 writer paused most of the time (Twisted resumes a producer only once its
-whole write buffer has drained) and must not be dropped.  Progress is read
-from the transport being written to: its own write buffer plus, on Linux,
-the kernel's send queue (C{SIOCOUTQ}, bytes the peer has not acknowledged).
-Transports that expose neither fall back to counting pause time.
+whole write buffer has drained) and must not be dropped.  Progress is a
+count that only grows while the reader takes bytes: on a TCP socket the
+kernel's count of bytes the peer acknowledged (C{TCP_INFO} C{bytes_acked}).
+A count of what is still unsent would not do: the writer refills what the
+reader drained, and a write buffer that stays full hides a reader that reads.
+Transports without a socket fall back to their Twisted write buffer
+shrinking, and those without one to counting pause time.
 
 Kernel buffers are bounded per socket (C{limits.socket_buffer_bytes}): left
 to autotuning, each slow reader's connection can hold several megabytes in
@@ -15,17 +18,16 @@ of its buffer drained, which hides a slow reader's progress for minutes.
 """
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
-import termios
 from typing import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from navtwist.compat import write_buffered
 
-_SIOCOUTQ = termios.TIOCOUTQ  # the same request number for sockets on Linux
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux
+_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64, Linux 4.1+) in struct tcp_info
 
 
 def socket_transport(transport: object) -> tuple[object, socket.socket] | None:
@@ -33,6 +35,9 @@ def socket_transport(transport: object) -> tuple[object, socket.socket] | None:
     for _ in range(4):  # a TLS layer or two at most
         get_handle = getattr(transport, "getHandle", None)
         handle = get_handle() if get_handle is not None else None
+        if not isinstance(handle, socket.socket):
+            # startTLS gives a TCP transport its TLS layer's getHandle; the socket stays its own.
+            handle = getattr(transport, "socket", None)
         if isinstance(handle, socket.socket):
             return transport, handle
         transport = getattr(transport, "transport", None)
@@ -54,22 +59,27 @@ def bound_socket_buffers(transport: object, size: int) -> None:
             return
 
 
-def unsent_bytes(transport: object) -> int | None:
-    """Bytes written to C{transport} that its peer has not taken yet, or None when it cannot tell.
+def accepted_bytes(transport: object) -> int | None:
+    """A count that grows as C{transport}'s peer takes the bytes written to it, or None when it cannot tell.
 
-    Under a TLS layer these are the socket transport's (ciphertext) bytes.
+    On a TCP socket (under a TLS layer too: ciphertext), the bytes the peer
+    acknowledged; without one, minus what the Twisted write buffer holds.
     """
     found = socket_transport(transport)
-    transport, handle = found if found is not None else (transport, None)
-    pending = write_buffered(transport)
-    if pending is None:
+    if found is None:
+        pending = write_buffered(transport)
+        return None if pending is None else -pending
+    handle = found[1]
+    if _TCP_INFO is None or handle.type != socket.SOCK_STREAM:
         return None
-    if handle is not None and handle.type == socket.SOCK_STREAM:
-        try:
-            pending += struct.unpack("i", fcntl.ioctl(handle.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            pass
-    return pending
+    try:
+        info = handle.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED + 8)
+    except OSError:
+        return None
+    if len(info) < _BYTES_ACKED + 8:
+        return None
+    acked: int = struct.unpack_from("Q", info, _BYTES_ACKED)[0]
+    return acked
 
 
 class StallWatch:
@@ -82,12 +92,12 @@ class StallWatch:
     """
 
     def __init__(self, clock: IReactorTime, timeout: float, transport: object, stalled: Callable[[], None],
-                 unsent: Callable[[object], int | None] = unsent_bytes) -> None:
+                 accepted: Callable[[object], int | None] = accepted_bytes) -> None:
         self._clock = clock
         self._timeout = timeout
         self._transport = transport
         self._stalled = stalled
-        self._unsent = unsent
+        self._accepted = accepted
         self._call: IDelayedCall | None = None
         self._paused = False
         self._progress_at = 0.0
@@ -96,7 +106,7 @@ class StallWatch:
     def paused(self) -> None:
         self._paused = True
         self._progress_at = self._clock.seconds()
-        self._last = self._unsent(self._transport)
+        self._last = self._accepted(self._transport)
         if self._call is None:
             self._call = self._clock.callLater(self._period(), self._check)
 
@@ -117,10 +127,10 @@ class StallWatch:
         if not self._paused:
             return
         now = self._clock.seconds()
-        unsent = self._unsent(self._transport)
-        if unsent is not None and self._last is not None and unsent < self._last:
+        accepted = self._accepted(self._transport)
+        if accepted is not None and self._last is not None and accepted > self._last:
             self._progress_at = now
-        self._last = unsent
+        self._last = accepted
         idle = now - self._progress_at
         if idle >= self._timeout:
             self._paused = False
