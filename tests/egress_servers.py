@@ -18,10 +18,11 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -315,11 +316,12 @@ class _WebHandler(BaseHTTPRequestHandler):
         return read_request_body(self)
 
 
-class _WebServer(ThreadingHTTPServer):
+class LoopbackHttpServer(ThreadingHTTPServer):
+    """A threaded HTTP server for tests (HTTPS with C{tls}): daemon threads, no join on close."""
+
     daemon_threads = True
     block_on_close = False
     tls: ssl.SSLContext | None = None
-    seen: list[Seen]
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake happens here, in the connection's thread, not in the accept loop.
@@ -328,28 +330,22 @@ class _WebServer(ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-class HttpServer:
-    """An HTTP/1.1 keep-alive server on 127.0.0.1 (HTTPS with C{tls}); C{seen} lists its requests."""
+ServerT = TypeVar("ServerT", bound=LoopbackHttpServer)
+RunningT = TypeVar("RunningT", bound="ServerThread[Any]")
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self._server = _WebServer(("127.0.0.1", 0), _WebHandler)
-        self._server.tls = tls
-        self._server.seen = []
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+
+class ServerThread(Generic[ServerT]):
+    """Runs C{server} in a daemon thread between L{start} and L{stop}; the one copy of that for every test origin."""
+
+    def __init__(self, server: ServerT) -> None:
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def port(self) -> int:
         return self._server.server_address[1]
 
-    @property
-    def seen(self) -> list[Seen]:
-        return self._server.seen
-
-    def paths(self) -> list[str]:
-        return [request.path for request in self.seen]
-
-    def start(self) -> HttpServer:
+    def start(self: RunningT) -> RunningT:
         self._thread.start()
         return self
 
@@ -357,6 +353,39 @@ class HttpServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+@contextmanager
+def tls_origin(handler: type[BaseHTTPRequestHandler], cert: ServerCert) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 answering with C{handler} for the block; yields its port."""
+    server = LoopbackHttpServer(("127.0.0.1", 0), handler)
+    server.tls = cert.server_context()
+    running = ServerThread(server).start()
+    try:
+        yield running.port
+    finally:
+        running.stop()
+
+
+class _WebServer(LoopbackHttpServer):
+    seen: list[Seen]
+
+
+class HttpServer(ServerThread[_WebServer]):
+    """An HTTP/1.1 keep-alive server on 127.0.0.1 (HTTPS with C{tls}); C{seen} lists its requests."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        server = _WebServer(("127.0.0.1", 0), _WebHandler)
+        server.tls = tls
+        server.seen = []
+        super().__init__(server)
+
+    @property
+    def seen(self) -> list[Seen]:
+        return self._server.seen
+
+    def paths(self) -> list[str]:
+        return [request.path for request in self.seen]
 
 
 # --- the client side ----------------------------------------------------------------------

@@ -15,11 +15,12 @@ import json
 import ssl
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from egress_servers import LoopbackHttpServer, ServerThread
 from git_origin import http_backend
 from upstream import read_request_body
 
@@ -101,33 +102,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    tls: ssl.SSLContext
+class _Server(LoopbackHttpServer):
     root: Path
     accepted: frozenset[str]
     seen: list[Seen]
     lock: threading.Lock
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The TLS handshake in the connection's thread, not in the accept loop.
-        super().finish_request(self.tls.wrap_socket(request, server_side=True), client_address)
 
-
-class TokenOrigin:
+class TokenOrigin(ServerThread[_Server]):
     """C{https://127.0.0.1:port}, accepting the tokens in L{accepted}; git repositories under C{root}."""
 
     def __init__(self, tls: ssl.SSLContext, root: Path, accepted: set[str]) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        server = self._server
+        server = _Server(("127.0.0.1", 0), _Handler)
         server.tls, server.root = tls, root
         server.accepted, server.seen, server.lock = frozenset(accepted), [], threading.Lock()
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(server)
 
     @property
     def seen(self) -> list[Seen]:
@@ -137,12 +126,3 @@ class TokenOrigin:
     def accept(self, *tokens: str) -> None:
         """From now on, accept exactly C{tokens}."""
         self._server.accepted = frozenset(tokens)
-
-    def start(self) -> TokenOrigin:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
