@@ -272,19 +272,33 @@ class Seen:
         return [value for key, value in self.headers if key == name]
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The base of the test origins' handlers: HTTP/1.1 keep-alive, reads bounded by L{TIMEOUT}, no stderr log."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
+        pass
+
+    def answer(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+        """Send a whole response: C{headers}, a content-length, C{payload}."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
 STREAM_PARTS = 5
 STREAM_INTERVAL = 0.2
 
 
-class _WebHandler(BaseHTTPRequestHandler):
+class _WebHandler(QuietHandler):
     """C{/stream...}: chunked, L{STREAM_PARTS} chunks L{STREAM_INTERVAL} s apart; else a JSON echo."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = TIMEOUT
     server: _WebServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
-        pass
 
     def do_GET(self) -> None:
         body = self._read_body()
@@ -304,11 +318,7 @@ class _WebHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             return
         payload = json.dumps({"method": self.command, "path": self.path, "body": body.decode("latin-1")}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self.answer(200, [("content-type", "application/json")], payload)
 
     do_POST = do_PUT = do_DELETE = do_GET
 

@@ -15,10 +15,9 @@ import subprocess
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-from egress_servers import LoopbackHttpServer, ServerThread
+from egress_servers import LoopbackHttpServer, QuietHandler, ServerThread
 from upstream import read_request_body
 
 TIMEOUT = 10.0
@@ -103,13 +102,8 @@ def http_backend(handler: BaseHTTPRequestHandler, root: Path, body: bytes,
     return status, headers, payload
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = TIMEOUT
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
-        pass
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -118,12 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         record = GitRequest(self.command, url.path, url.query, status, chunked, self.headers.get("content-encoding"))
         self.server.requests.append(record)
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self.answer(status, headers, payload)
 
     do_POST = do_GET
 
