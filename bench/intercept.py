@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -22,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from bench import clients, report
+from bench import clients
 from bench.measure import percentile
 from bench.proxies import BENCH_DIR, Proxy, start_mitmproxy, start_navtwist, start_upstream
-from bench.runner import OUT, machine
+from bench.runner import OUT, publish_scenario
 from bench.upstream import make_certificate
 
 MiB = 1 << 20
@@ -171,12 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     result = asyncio.run(run(args))
-    result["machine"] = machine({"mib": args.mib, "repeats": args.repeats, "requests": args.requests})
-    (OUT / "intercept.json").write_text(json.dumps(result, indent=1))
-    text = section(result)
-    print(text)
-    if not args.no_report:
-        report.write_section("intercept", text)
+    publish_scenario("intercept", result, {"mib": args.mib, "repeats": args.repeats, "requests": args.requests},
+                     section, not args.no_report)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,18 @@ def machine(sizes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def publish_scenario(name: str, result: dict[str, Any], sizes: dict[str, Any],
+                     section: Callable[[dict[str, Any]], str], to_report: bool) -> None:
+    """The end of a one-scenario run (`make bench-NAME`): C{result}, with the machine and C{sizes}, to
+    bench/out/NAME.json (dashes as underscores); its section printed and, with C{to_report}, put in the page."""
+    result["machine"] = machine(sizes)
+    (OUT / f"{name.replace('-', '_')}.json").write_text(json.dumps(result, indent=1))
+    text = section(result)
+    print(text)
+    if to_report:
+        report.write_section(name, text)
+
+
 async def run(sizes: dict[str, Any], only: set[str] | None, profile: str | None, profile_seconds: int
               ) -> dict[str, Any]:
     OUT.mkdir(exist_ok=True)

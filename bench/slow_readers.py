@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import clients, report
+from bench import clients
 from bench.measure import percentile
 from bench.proxies import Proxy, start_navtwist, start_upstream
-from bench.runner import OUT, machine
+from bench.runner import OUT, publish_scenario
 from bench.upstream import make_certificate
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -263,12 +263,9 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     result = asyncio.run(run(args))
-    result["machine"] = machine({"clients": args.clients, "seconds": args.seconds, "write_stall": args.write_stall})
-    (OUT / "slow_readers.json").write_text(json.dumps(result, indent=1))
-    text = section(result)
-    print(text)
-    if not args.no_report:
-        report.write_section("slow-readers", text)
+    publish_scenario("slow-readers", result,
+                     {"clients": args.clients, "seconds": args.seconds, "write_stall": args.write_stall},
+                     section, not args.no_report)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
-from bench import clients, report
+from bench import clients
 from bench.proxies import Proxy, start_navtwist, start_upstream
-from bench.runner import OUT, machine
+from bench.runner import OUT, publish_scenario
 from bench.upstream import make_certificate
 
 MiB = 1 << 20
@@ -128,12 +127,8 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     result = asyncio.run(run(args))
     result["at_once"] = args.at_once
-    result["machine"] = machine({"first": args.first, "total": args.total, "at_once": args.at_once})
-    (OUT / "tls_abort.json").write_text(json.dumps(result, indent=1))
-    text = section(result, args.label)
-    print(text)
-    if not args.no_report:
-        report.write_section("tls-abort", text)
+    publish_scenario("tls-abort", result, {"first": args.first, "total": args.total, "at_once": args.at_once},
+                     lambda result: section(result, args.label), not args.no_report)
 
 
 if __name__ == "__main__":

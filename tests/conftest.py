@@ -1,7 +1,9 @@
 """Fixtures for the integration tests: a local upstream, the real twistd proxy, clients.
 
 Everything runs on 127.0.0.1.  The proxy is the real C{twistd -n navtwist}
-subprocess; its log is checked for tracebacks when each test ends.
+subprocess; its log is checked for tracebacks when each test ends.  At the
+end, what unit tests share: captured logs, recorded metrics, restored signal
+handlers and the plugin's service on a memory reactor.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,6 +23,8 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 import yaml
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 
 from upstream import INFERENCE, Upstream, routes_config
 
@@ -359,3 +364,65 @@ def start_module_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     starter = ProxyStarter(tmp_path_factory.mktemp("module-proxy"))
     yield starter
     starter.close()
+
+
+# --- for unit tests ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict]]:
+    """Every Twisted log event emitted during the test (the observer goes even when the test fails)."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+class RecordingMetrics:
+    """A metrics listener for the inference path that keeps the records and upstream errors it is told of."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.upstream_errors: list[str] = []
+
+    def request_finished(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def stream_started(self) -> None:
+        pass
+
+    def stream_ended(self) -> None:
+        pass
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors.append(kind)
+
+
+@pytest.fixture
+def restore_signals() -> Iterator[None]:
+    """Puts back the SIGINT and SIGUSR1 handlers: twistd's start-up and the log rotation
+    install their own, which must not outlive the test in pytest's process."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def running_service(*argv: str) -> Iterator[MemoryReactorClock]:
+    """The service the twistd plugin makes from C{argv}, started on a memory reactor for the block."""
+    from navtwist.service.server_tap import Options, make_service  # not for every session that loads conftest
+
+    options = Options()
+    options.parseOptions(list(argv))
+    reactor = MemoryReactorClock()
+    service = make_service(options["navtwist-config"], reactor)
+    service.startService()
+    try:
+        yield reactor
+    finally:
+        service.stopService()

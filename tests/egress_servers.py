@@ -18,10 +18,11 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -271,19 +272,33 @@ class Seen:
         return [value for key, value in self.headers if key == name]
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The base of the test origins' handlers: HTTP/1.1 keep-alive, reads bounded by L{TIMEOUT}, no stderr log."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
+        pass
+
+    def answer(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+        """Send a whole response: C{headers}, a content-length, C{payload}."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
 STREAM_PARTS = 5
 STREAM_INTERVAL = 0.2
 
 
-class _WebHandler(BaseHTTPRequestHandler):
+class _WebHandler(QuietHandler):
     """C{/stream...}: chunked, L{STREAM_PARTS} chunks L{STREAM_INTERVAL} s apart; else a JSON echo."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = TIMEOUT
     server: _WebServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
-        pass
 
     def do_GET(self) -> None:
         body = self._read_body()
@@ -303,11 +318,7 @@ class _WebHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             return
         payload = json.dumps({"method": self.command, "path": self.path, "body": body.decode("latin-1")}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self.answer(200, [("content-type", "application/json")], payload)
 
     do_POST = do_PUT = do_DELETE = do_GET
 
@@ -315,11 +326,12 @@ class _WebHandler(BaseHTTPRequestHandler):
         return read_request_body(self)
 
 
-class _WebServer(ThreadingHTTPServer):
+class LoopbackHttpServer(ThreadingHTTPServer):
+    """A threaded HTTP server for tests (HTTPS with C{tls}): daemon threads, no join on close."""
+
     daemon_threads = True
     block_on_close = False
     tls: ssl.SSLContext | None = None
-    seen: list[Seen]
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake happens here, in the connection's thread, not in the accept loop.
@@ -328,28 +340,22 @@ class _WebServer(ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-class HttpServer:
-    """An HTTP/1.1 keep-alive server on 127.0.0.1 (HTTPS with C{tls}); C{seen} lists its requests."""
+ServerT = TypeVar("ServerT", bound=LoopbackHttpServer)
+RunningT = TypeVar("RunningT", bound="ServerThread[Any]")
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self._server = _WebServer(("127.0.0.1", 0), _WebHandler)
-        self._server.tls = tls
-        self._server.seen = []
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+
+class ServerThread(Generic[ServerT]):
+    """Runs C{server} in a daemon thread between L{start} and L{stop}; the one copy of that for every test origin."""
+
+    def __init__(self, server: ServerT) -> None:
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def port(self) -> int:
         return self._server.server_address[1]
 
-    @property
-    def seen(self) -> list[Seen]:
-        return self._server.seen
-
-    def paths(self) -> list[str]:
-        return [request.path for request in self.seen]
-
-    def start(self) -> HttpServer:
+    def start(self: RunningT) -> RunningT:
         self._thread.start()
         return self
 
@@ -357,6 +363,39 @@ class HttpServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+@contextmanager
+def tls_origin(handler: type[BaseHTTPRequestHandler], cert: ServerCert) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 answering with C{handler} for the block; yields its port."""
+    server = LoopbackHttpServer(("127.0.0.1", 0), handler)
+    server.tls = cert.server_context()
+    running = ServerThread(server).start()
+    try:
+        yield running.port
+    finally:
+        running.stop()
+
+
+class _WebServer(LoopbackHttpServer):
+    seen: list[Seen]
+
+
+class HttpServer(ServerThread[_WebServer]):
+    """An HTTP/1.1 keep-alive server on 127.0.0.1 (HTTPS with C{tls}); C{seen} lists its requests."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        server = _WebServer(("127.0.0.1", 0), _WebHandler)
+        server.tls = tls
+        server.seen = []
+        super().__init__(server)
+
+    @property
+    def seen(self) -> list[Seen]:
+        return self._server.seen
+
+    def paths(self) -> list[str]:
+        return [request.path for request in self.seen]
 
 
 # --- the client side ----------------------------------------------------------------------

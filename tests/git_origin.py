@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
+from egress_servers import LoopbackHttpServer, QuietHandler, ServerThread
 from upstream import read_request_body
 
 TIMEOUT = 10.0
@@ -103,13 +102,8 @@ def http_backend(handler: BaseHTTPRequestHandler, root: Path, body: bytes,
     return status, headers, payload
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = TIMEOUT
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
-        pass
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -118,50 +112,24 @@ class _Handler(BaseHTTPRequestHandler):
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         record = GitRequest(self.command, url.path, url.query, status, chunked, self.headers.get("content-encoding"))
         self.server.requests.append(record)
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self.answer(status, headers, payload)
 
     do_POST = do_GET
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Server(LoopbackHttpServer):
     root: Path
-    tls: ssl.SSLContext
     requests: list[GitRequest]
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The TLS handshake in the connection's thread, not in the accept loop.
-        super().finish_request(self.tls.wrap_socket(request, server_side=True), client_address)
 
-
-class GitOrigin:
+class GitOrigin(ServerThread[_Server]):
     """C{https://127.0.0.1:port/NAME.git} for each bare repository under C{root}."""
 
     def __init__(self, root: Path, tls: ssl.SSLContext) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.root, self._server.tls, self._server.requests = root, tls, []
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.root, server.tls, server.requests = root, tls, []
+        super().__init__(server)
 
     @property
     def requests(self) -> list[GitRequest]:
         return list(self._server.requests)
-
-    def start(self) -> GitOrigin:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)

@@ -7,6 +7,7 @@ import pytest
 from twisted.internet import endpoints
 from twisted.internet.testing import MemoryReactor
 
+from conftest import running_service
 from navtwist.service.backlog import DEFAULT_BACKLOG, kernel_backlog_cap, with_backlog
 
 
@@ -40,17 +41,6 @@ def test_the_endpoint_listens_with_it() -> None:
 
 
 def test_service_listens_with_the_default_backlog(tmp_path: Path) -> None:
-    from twisted.internet.testing import MemoryReactorClock
-
-    from navtwist.service.server_tap import Options, make_service
-
-    options = Options()
-    options.parseOptions(["--listen", "tcp:3999:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")])
-    reactor = MemoryReactorClock()
-    service = make_service(options["navtwist-config"], reactor)
-    service.startService()
-    try:
+    with running_service("--listen", "tcp:3999:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")) as reactor:
         [(_port, _factory, backlog, _interface)] = reactor.tcpServers
         assert backlog == min(DEFAULT_BACKLOG, kernel_backlog_cap() or DEFAULT_BACKLOG)
-    finally:
-        service.stopService()

@@ -190,7 +190,10 @@ def test_corrupt_pem_names_the_file_without_its_content(tmp_path, name, corrupt)
     assert_no_secrets(info.value, [b"SECRETMATERIAL", *original.splitlines()[1:-1]])
 
 
-def _write_pair(directory: Path, *, ca: bool, with_ski: bool) -> None:
+def _imported_cert(
+    *, ca: bool = True, with_ski: bool = True, permitted: list[x509.GeneralName] | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate navtwist did not make, as an operator might bring one, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imported")])
     builder = (
@@ -207,7 +210,15 @@ def _write_pair(directory: Path, *, ca: bool, with_ski: bool) -> None:
         builder = builder.add_extension(
             x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
         )
-    cert = builder.sign(key, hashes.SHA256())
+    if permitted is not None:
+        builder = builder.add_extension(
+            x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None), critical=True
+        )
+    return builder.sign(key, hashes.SHA256()), key
+
+
+def _write_pair(directory: Path, *, ca: bool, with_ski: bool) -> None:
+    cert, key = _imported_cert(ca=ca, with_ski=with_ski)
     directory.mkdir(exist_ok=True)
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (directory / "ca.key").write_bytes(
@@ -490,24 +501,7 @@ def test_covers_names_the_first_uncovered_host(tmp_path):
 
 def test_covers_reads_constraints_of_imported_cas(tmp_path):
     """A leading dot (".example.com") holds only the names below it; an absent name form is open."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imported")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(T0 - DAY)
-        .not_valid_after(T0 + 100 * DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.DNSName(".example.com")], excluded_subtrees=None),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = _imported_cert(permitted=[x509.DNSName(".example.com")])
     ca = CertificateAuthority(tmp_path, cert, key, Clock(), 1)
     assert ca.covers(["a.example.com", "*.example.com", "10.0.0.1"]) is None
     assert ca.covers(["example.com"]) == "example.com"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.error import ConnectionDone
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
+from conftest import RecordingMetrics
 from navtwist.config import Limits, Timeouts
 from navtwist.egress.dial import Egress
 from navtwist.egress.policy import Policy
@@ -48,39 +49,14 @@ CUT_EVENT = "response truncated: the proxy is shutting down"
 DRAIN_TIMEOUT = 3.0  # before the routes' first heartbeat
 
 
-class Metrics:
-    """Records what the inference path reports."""
-
-    def __init__(self) -> None:
-        self.upstream_errors: list[str] = []
-
-    def request_finished(self, record: dict[str, Any]) -> None:
-        pass
-
-    def stream_started(self) -> None:
-        pass
-
-    def stream_ended(self) -> None:
-        pass
-
-    def upstream_error(self, kind: str) -> None:
-        self.upstream_errors.append(kind)
+@pytest.fixture
+def metrics() -> RecordingMetrics:
+    return RecordingMetrics()
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def h(metrics: Metrics) -> Harness:
+def h(metrics: RecordingMetrics) -> Harness:
     return make_harness(ROUTES, extensions=Extensions(metrics=metrics))
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict]]:
-    with capturedLogs() as events:
-        yield events
 
 
 def _records(events: list[dict]) -> list[dict]:
@@ -116,7 +92,7 @@ def _drain_cut(h: Harness) -> bool:
 
 @pytest.mark.parametrize("protocol", sorted(STREAMS))
 def test_a_relayed_stream_ends_with_the_protocols_error_event_then_the_chunked_end(
-        h: Harness, metrics: Metrics, logs: list[dict], protocol: str) -> None:
+        h: Harness, metrics: RecordingMetrics, logs: list[dict], protocol: str) -> None:
     _send(h, protocol)
     upstream = FakeResponse()
     h.agent.calls[0].deferred.callback(upstream)

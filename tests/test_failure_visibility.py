@@ -7,7 +7,7 @@ operator can read and a count, and name their cause.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from OpenSSL import SSL
@@ -15,10 +15,11 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost, TimeoutError
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from conftest import RecordingMetrics
 from navtwist.inference.router import Extensions
 from navtwist.outcome import Refusal
 from navtwist.testing import FakeResponse, Harness, make_harness
@@ -34,26 +35,6 @@ ROUTES = {
 CHAT = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-class Metrics:
-    """Records what the inference path reports."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.upstream_errors: list[str] = []
-
-    def request_finished(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def stream_started(self) -> None:
-        pass
-
-    def stream_ended(self) -> None:
-        pass
-
-    def upstream_error(self, kind: str) -> None:
-        self.upstream_errors.append(kind)
-
-
 class RefusingHook:
     name = "refusing"
 
@@ -62,19 +43,13 @@ class RefusingHook:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
+def metrics() -> RecordingMetrics:
+    return RecordingMetrics()
 
 
 @pytest.fixture
-def harness(metrics: Metrics) -> Harness:
+def harness(metrics: RecordingMetrics) -> Harness:
     return make_harness(ROUTES, max_body_bytes=1024, extensions=Extensions(metrics=metrics))
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict]]:
-    with capturedLogs() as events:
-        yield events
 
 
 def _requests(events: list[dict]) -> list[dict]:
@@ -85,7 +60,7 @@ def _requests(events: list[dict]) -> list[dict]:
 
 
 def test_upstream_error_status_is_its_own_outcome_counted_and_no_first_token(
-        harness: Harness, metrics: Metrics, logs: list[dict]) -> None:
+        harness: Harness, metrics: RecordingMetrics, logs: list[dict]) -> None:
     harness.send("POST", "/v1/chat/completions", CHAT)
     response = FakeResponse(500)  # an error answered as an event stream whose event looks like content
     harness.clock.advance(0.5)
@@ -103,7 +78,7 @@ def test_upstream_error_status_is_its_own_outcome_counted_and_no_first_token(
 
 @pytest.mark.parametrize("cut", ["death", "idle"])
 def test_stream_cut_by_the_upstream_is_a_warning_and_counted(
-        harness: Harness, metrics: Metrics, logs: list[dict], cut: str) -> None:
+        harness: Harness, metrics: RecordingMetrics, logs: list[dict], cut: str) -> None:
     harness.send("POST", "/v1/chat/completions", CHAT)
     response = FakeResponse()
     harness.agent.calls[0].deferred.callback(response)
@@ -119,7 +94,7 @@ def test_stream_cut_by_the_upstream_is_a_warning_and_counted(
 
 
 def test_a_complete_stream_is_logged_at_info_and_not_counted_as_an_error(
-        harness: Harness, metrics: Metrics, logs: list[dict]) -> None:
+        harness: Harness, metrics: RecordingMetrics, logs: list[dict]) -> None:
     harness.send("POST", "/v1/chat/completions", CHAT)
     response = FakeResponse()
     harness.agent.calls[0].deferred.callback(response)
@@ -142,7 +117,7 @@ def test_a_complete_stream_is_logged_at_info_and_not_counted_as_an_error(
     ("POST", "/v1/chat/completions", b"x" * 2000, 413, "request_too_large"),
 ])
 def test_each_refusal_is_one_request_line_and_counted(
-        harness: Harness, metrics: Metrics, logs: list[dict], method: str, path: str, body: bytes,
+        harness: Harness, metrics: RecordingMetrics, logs: list[dict], method: str, path: str, body: bytes,
         status: int, code: str) -> None:
     harness.send(method, path, body)
     assert harness.output().startswith(b"HTTP/1.1 %d " % status)
@@ -153,7 +128,7 @@ def test_each_refusal_is_one_request_line_and_counted(
     assert harness.agent.calls == []
 
 
-def test_a_hook_refusal_is_one_request_line_and_counted(metrics: Metrics, logs: list[dict]) -> None:
+def test_a_hook_refusal_is_one_request_line_and_counted(metrics: RecordingMetrics, logs: list[dict]) -> None:
     harness = make_harness(ROUTES, extensions=Extensions(hooks=[RefusingHook()], metrics=metrics))
     harness.send("POST", "/v1/chat/completions", CHAT)
     assert harness.output().startswith(b"HTTP/1.1 451 ")

@@ -10,9 +10,8 @@ import os
 import signal
 import ssl
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from conftest import TIMEOUT, Proxy, ProxyStarter
-from egress_servers import Conn, HttpServer, ServerCert, make_server_cert
+from egress_servers import Conn, HttpServer, ServerCert, make_server_cert, tls_origin
 
 pytestmark = pytest.mark.integration
 
@@ -201,12 +200,7 @@ class _Counting(BaseHTTPRequestHandler):
 def test_a_gibibyte_upload_streams_with_flat_proxy_memory(
     start_proxy: ProxyStarter, origin_cert: ServerCert
 ) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
-    tls = origin_cert.server_context()
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
+    with tls_origin(_Counting, origin_cert) as port:
         proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-write")])
         size = 1 << 30
         block = b"x" * (1 << 20)
@@ -225,9 +219,6 @@ def test_a_gibibyte_upload_streams_with_flat_proxy_memory(
         )
         assert response.status_code == 200 and response.json() == {"received": size}, response.text[:300]
         assert peak[0] - before < 24 * 1024 * 1024, f"proxy RSS grew {(peak[0] - before) >> 20} MiB"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_reload_applies_new_rules_to_new_requests_on_an_open_connection(
@@ -277,17 +268,8 @@ class _Upgrading(BaseHTTPRequestHandler):
             self.connection.sendall(data.upper())
 
 
-def _upgrading_origin(cert: ServerCert) -> tuple[ThreadingHTTPServer, int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upgrading)
-    server.daemon_threads = True
-    server.socket = cert.server_context().wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, server.server_address[1]
-
-
 def test_websocket_upgrade_is_judged_then_spliced(start_proxy: ProxyStarter, origin_cert: ServerCert) -> None:
-    server, port = _upgrading_origin(origin_cert)
-    try:
+    with tls_origin(_Upgrading, origin_cert) as port:
         proxy = _start(start_proxy, [_entry(port, origin_cert, rules=[{"allow": {"method": "GET", "path": "/ws/*"}}])])
         context = ssl.create_default_context(cafile=str(proxy.ca_path))
         upgrade = (f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -305,9 +287,6 @@ def test_websocket_upgrade_is_judged_then_spliced(start_proxy: ProxyStarter, ori
                 conn.send(message)
                 assert conn.read_exact(len(message)) == message.upper()
         proxy.wait_for_log("decision allow request")
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_origin_that_does_not_switch_protocols_is_a_502(
@@ -343,12 +322,7 @@ class _Serving(BaseHTTPRequestHandler):
 def test_a_slow_reader_of_an_intercepted_download_keeps_proxy_memory_flat(
     start_proxy: ProxyStarter, origin_cert: ServerCert
 ) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Serving)
-    server.daemon_threads = True
-    server.socket = origin_cert.server_context().wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
+    with tls_origin(_Serving, origin_cert) as port:
         proxy = _start(start_proxy, [_entry(port, origin_cert, access="read-only")])
         context = ssl.create_default_context(cafile=str(proxy.ca_path))
         before = proxy.rss_bytes()
@@ -368,6 +342,3 @@ def test_a_slow_reader_of_an_intercepted_download_keeps_proxy_memory_flat(
         # The origin would send 256 MiB at once: the proxy must have paused it, not kept it.
         assert received >= 4 << 20
         assert peak - before < 24 << 20, f"proxy RSS grew {(peak - before) >> 20} MiB while a reader took {received >> 20} MiB"
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -121,16 +121,7 @@ def test_an_event_that_cannot_be_written_is_still_a_line() -> None:
 # --- rotation ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_sigusr1() -> Iterator[None]:
-    previous = signal.getsignal(signal.SIGUSR1)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
-def test_rotation_is_bounded_in_size_and_files(tmp_path: Path, restore_sigusr1: None) -> None:
+def test_rotation_is_bounded_in_size_and_files(tmp_path: Path, restore_signals: None) -> None:
     path = tmp_path / "navtwist.log"
     options = ServerOptions()
     options.parseOptions(["-n", "--logfile", str(path), "navtwist", "--listen", "tcp:0:interface=127.0.0.1"])

@@ -9,8 +9,6 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError, Timeo
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
-from twisted.logger import globalLogPublisher
-
 from navtwist.testing import FakeResponse, Harness, make_harness
 from navtwist.config import parse_config
 from navtwist.outcome import outcome_class
@@ -221,43 +219,33 @@ def _exchange_records(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
 
 
-def test_total_timeout_cuts_slow_non_streaming_calls(h: Harness) -> None:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        h.send("POST", "/v1/embeddings", b'{"input":"x"}')
-        response = FakeResponse(headers={b"content-type": [b"application/json"]})
-        h.agent.calls[0].deferred.callback(response)
-        for _ in range(4):  # keeps trickling: the idle timeout never fires
-            h.clock.advance(12)
-            response.send(b" ")
-        assert not response.transport.stopped
-        h.clock.advance(3)
-        assert response.transport.stopped  # 51 s > total_timeout 50
-        response.end(Failure(ResponseFailed([Failure(ConnectionDone())])))
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+def test_total_timeout_cuts_slow_non_streaming_calls(h: Harness, logs: list[dict]) -> None:
+    h.send("POST", "/v1/embeddings", b'{"input":"x"}')
+    response = FakeResponse(headers={b"content-type": [b"application/json"]})
+    h.agent.calls[0].deferred.callback(response)
+    for _ in range(4):  # keeps trickling: the idle timeout never fires
+        h.clock.advance(12)
+        response.send(b" ")
+    assert not response.transport.stopped
+    h.clock.advance(3)
+    assert response.transport.stopped  # 51 s > total_timeout 50
+    response.end(Failure(ResponseFailed([Failure(ConnectionDone())])))
     assert h.transport.aborted  # the client sees the body cut, not a short body passed off as complete
-    [record] = _exchange_records(events)
+    [record] = _exchange_records(logs)
     assert record["outcome"] == "timeout"
 
 
-def test_streams_are_never_cut_by_the_total_timeout(h: Harness) -> None:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        h.send("POST", "/v1/chat/completions", chat(None))
-        response = FakeResponse()
-        h.agent.calls[0].deferred.callback(response)
-        for _ in range(10):  # 150 s in all, past total_timeout 50; each gap within idle_timeout 20
-            h.clock.advance(15)
-            response.send(b"data: x\n\n")
-        assert not response.transport.stopped
-        response.end()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+def test_streams_are_never_cut_by_the_total_timeout(h: Harness, logs: list[dict]) -> None:
+    h.send("POST", "/v1/chat/completions", chat(None))
+    response = FakeResponse()
+    h.agent.calls[0].deferred.callback(response)
+    for _ in range(10):  # 150 s in all, past total_timeout 50; each gap within idle_timeout 20
+        h.clock.advance(15)
+        response.send(b"data: x\n\n")
+    assert not response.transport.stopped
+    response.end()
     assert h.output().endswith(b"data: x\n\n\r\n0\r\n\r\n")  # relayed to its very end
-    [record] = _exchange_records(events)
+    [record] = _exchange_records(logs)
     assert record["outcome"] == "ok" and record["duration_ms"] == 150_000
 
 
@@ -283,25 +271,20 @@ def test_outcomes_are_classified(detail: str, outcome: str) -> None:
     assert outcome_class(detail) == outcome
 
 
-def test_one_request_record_with_usage_and_latency(h: Harness) -> None:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        h.send("POST", "/v1/chat/completions", chat("gpt-fast"))
-        h.agent.calls[0].deferred.errback(Failure(ConnectionRefusedError()))
-        h.clock.advance(0.25)
-        response = FakeResponse()
-        h.agent.calls[1].deferred.callback(response)
-        h.clock.advance(0.5)
-        response.send(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n')
-        h.clock.advance(0.25)
-        response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
-        response.send(b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22}}\n\ndata: [DONE]\n\n')
-        h.clock.advance(1)
-        response.end()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    [record] = [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
+def test_one_request_record_with_usage_and_latency(h: Harness, logs: list[dict]) -> None:
+    h.send("POST", "/v1/chat/completions", chat("gpt-fast"))
+    h.agent.calls[0].deferred.errback(Failure(ConnectionRefusedError()))
+    h.clock.advance(0.25)
+    response = FakeResponse()
+    h.agent.calls[1].deferred.callback(response)
+    h.clock.advance(0.5)
+    response.send(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n')
+    h.clock.advance(0.25)
+    response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+    response.send(b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22}}\n\ndata: [DONE]\n\n')
+    h.clock.advance(1)
+    response.end()
+    [record] = _exchange_records(logs)
     assert {k: record[k] for k in ("protocol", "client_model", "route", "upstream_model", "candidates_tried",
                                    "status", "outcome", "headers_ms", "ttft_ms", "duration_ms",
                                    "input_tokens", "output_tokens")} == {
@@ -314,16 +297,11 @@ def test_one_request_record_with_usage_and_latency(h: Harness) -> None:
 
 
 @pytest.mark.parametrize("tail, outcome", [(b"data: [DONE]\n\n", "ok"), (b"", "client_gone")])
-def test_a_client_leaving_after_the_final_event_lost_nothing(h: Harness, tail: bytes, outcome: str) -> None:
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        h.send("POST", "/v1/chat/completions", chat(None))
-        response = FakeResponse()
-        h.agent.calls[0].deferred.callback(response)
-        response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n' + tail)
-        h.disconnect()  # as SDKs do when they see [DONE], before the chunked terminator
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    [record] = [e for e in events if e.get("log_namespace") == "navtwist.exchange" and "duration_ms" in e]
+def test_a_client_leaving_after_the_final_event_lost_nothing(h: Harness, tail: bytes, outcome: str, logs: list[dict]) -> None:
+    h.send("POST", "/v1/chat/completions", chat(None))
+    response = FakeResponse()
+    h.agent.calls[0].deferred.callback(response)
+    response.send(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n' + tail)
+    h.disconnect()  # as SDKs do when they see [DONE], before the chunked terminator
+    [record] = _exchange_records(logs)
     assert record["outcome"] == outcome

@@ -1,23 +1,18 @@
 """The twistd plugin: discovery, options, and the service it builds."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 
+from conftest import running_service
 from navtwist.service.server_tap import Options, make_service
 
 
-def test_twistd_finds_the_navtwist_plugin() -> None:
+def test_twistd_finds_the_navtwist_plugin(restore_signals: None) -> None:  # asking for them quiets Ctrl-C
     makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        assert makers["navtwist"].options is Options
-    finally:
-        signal.signal(signal.SIGINT, previous)  # asking for them quiets Ctrl-C, for twistd's start-up
+    assert makers["navtwist"].options is Options
 
 
 def test_bad_config_is_one_line_naming_the_key_not_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -39,17 +34,10 @@ def test_command_line_overrides_the_file(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_service_listens_on_the_configured_endpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    options = Options()
-    options.parseOptions(["--listen", "tcp:3999:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")])
-    reactor = MemoryReactorClock()
-    service = make_service(options["navtwist-config"], reactor)
-    service.startService()
-    try:
+    with running_service("--listen", "tcp:3999:interface=127.0.0.1", "--ca-dir", str(tmp_path / "ca")) as reactor:
         [(port, factory, _backlog, interface)] = reactor.tcpServers
         assert (port, interface) == (3999, "127.0.0.1")
         assert (tmp_path / "ca" / "ca.pem").exists()
-    finally:
-        service.stopService()
 
 
 def test_unusable_ca_dir_is_a_one_line_exit(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -107,16 +107,6 @@ def _parse_twistd(argv: list[str], config: Path) -> ServerOptions:
     options = ServerOptions()
     options.parseOptions(argv)
     return options
-
-
-@pytest.fixture
-def restore_sigusr1() -> Iterator[None]:
-    """log_observer_for installs a SIGUSR1 handler, as twistd does; not in pytest's process."""
-    previous = signal.getsignal(signal.SIGUSR1)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
 
 
 # --- systemd units ---------------------------------------------------------------------
@@ -308,7 +298,7 @@ def test_json_log_file_only_where_twistd_would_log_to_a_file(
     assert log_path_for(None) is None  # not under twistd
 
 
-def test_application_gets_the_json_observer(tmp_path: Path, restore_sigusr1: None) -> None:
+def test_application_gets_the_json_observer(tmp_path: Path, restore_signals: None) -> None:
     log_path = tmp_path / "navtwist.log"
     application = service.Application("navtwist")
     top = twistd_service(service.MultiService(), _twistd_options(tmp_path, "--logfile", str(log_path)))

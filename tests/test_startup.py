@@ -202,15 +202,6 @@ def test_missing_pidfile_or_log_directories_are_one_line(tmp_path: Path, argv: t
 # --- Ctrl-C ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_sigint() -> Iterator[None]:
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @contextmanager
 def _no_keyboard_interrupt() -> Iterator[None]:
     """A KeyboardInterrupt (which twistd shows as a traceback) fails the test instead of ending the run."""
@@ -225,7 +216,7 @@ def _ctrl_c() -> None:
     time.sleep(1)  # the handler runs before this ends
 
 
-def test_ctrl_c_once_twistd_chose_navtwist_is_one_line(restore_sigint: None,
+def test_ctrl_c_once_twistd_chose_navtwist_is_one_line(restore_signals: None,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     [maker] = [m for m in getPlugins(IServiceMaker) if m.tapname == "navtwist"]
@@ -236,7 +227,7 @@ def test_ctrl_c_once_twistd_chose_navtwist_is_one_line(restore_sigint: None,
     assert capsys.readouterr().err == "navtwist: interrupted during start-up\n"
 
 
-def test_the_reactor_gets_sigint_back_when_it_starts(restore_sigint: None) -> None:
+def test_the_reactor_gets_sigint_back_when_it_starts(restore_signals: None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor = MemoryReactor()
     quiet_until_running(reactor)
@@ -248,7 +239,7 @@ def test_the_reactor_gets_sigint_back_when_it_starts(restore_sigint: None) -> No
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_ignored_sigint_stays_ignored(restore_sigint: None) -> None:
+def test_an_ignored_sigint_stays_ignored(restore_signals: None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reactor = MemoryReactor()
     quiet_until_running(reactor)

@@ -15,15 +15,13 @@ import json
 import ssl
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
+from egress_servers import LoopbackHttpServer, QuietHandler, ServerThread
 from git_origin import http_backend
 from upstream import read_request_body
 
-TIMEOUT = 10.0
 BASIC_USER = "x-access-token"
 
 
@@ -52,13 +50,8 @@ def basic_password(value: str) -> str | None:
     return password if user == BASIC_USER else None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = TIMEOUT
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
-        pass
 
     def do_GET(self) -> None:
         body = read_request_body(self)
@@ -72,13 +65,13 @@ class _Handler(BaseHTTPRequestHandler):
         headers = tuple((name.lower(), value) for name, value in self.headers.items())
         if not allowed:
             self._record(headers, 401)
-            self._answer(401, [("www-authenticate", 'Basic realm="origin"'), ("content-type", "application/json")],
+            self.answer(401, [("www-authenticate", 'Basic realm="origin"'), ("content-type", "application/json")],
                          json.dumps({"error": "bad credentials"}).encode())
         elif ".git/" in path:
             self._git(headers, body)
         else:
             self._record(headers, 200)
-            self._answer(200, [("content-type", "application/json")],
+            self.answer(200, [("content-type", "application/json")],
                          json.dumps({"ok": True, "path": self.path}).encode())
 
     do_POST = do_GET
@@ -86,48 +79,28 @@ class _Handler(BaseHTTPRequestHandler):
     def _git(self, headers: tuple[tuple[str, str], ...], body: bytes) -> None:
         status, cgi_headers, payload = http_backend(self, self.server.root, body, BASIC_USER)
         self._record(headers, status)
-        self._answer(status, cgi_headers, payload)
+        self.answer(status, cgi_headers, payload)
 
     def _record(self, headers: tuple[tuple[str, str], ...], status: int) -> None:
         with self.server.lock:
             self.server.seen.append(Seen(self.command, self.path, headers, status))
 
-    def _answer(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    tls: ssl.SSLContext
+class _Server(LoopbackHttpServer):
     root: Path
     accepted: frozenset[str]
     seen: list[Seen]
     lock: threading.Lock
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The TLS handshake in the connection's thread, not in the accept loop.
-        super().finish_request(self.tls.wrap_socket(request, server_side=True), client_address)
 
-
-class TokenOrigin:
+class TokenOrigin(ServerThread[_Server]):
     """C{https://127.0.0.1:port}, accepting the tokens in L{accepted}; git repositories under C{root}."""
 
     def __init__(self, tls: ssl.SSLContext, root: Path, accepted: set[str]) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        server = self._server
+        server = _Server(("127.0.0.1", 0), _Handler)
         server.tls, server.root = tls, root
         server.accepted, server.seen, server.lock = frozenset(accepted), [], threading.Lock()
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(server)
 
     @property
     def seen(self) -> list[Seen]:
@@ -137,12 +110,3 @@ class TokenOrigin:
     def accept(self, *tokens: str) -> None:
         """From now on, accept exactly C{tokens}."""
         self._server.accepted = frozenset(tokens)
-
-    def start(self) -> TokenOrigin:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)

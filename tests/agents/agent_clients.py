@@ -10,6 +10,7 @@ would shadow tests/conftest.py for the helpers that import it by name.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -97,6 +98,16 @@ class Run:
     @property
     def stdout(self) -> str:
         return "\n".join(line for _, line in self.lines)
+
+    def json_events(self) -> list[dict[str, Any]]:
+        """The JSON objects among the stdout lines, each with the time its line arrived under C{"_at"}."""
+        events = []
+        for at, line in self.lines:
+            if line.startswith("{"):
+                event = json.loads(line)
+                event["_at"] = at
+                events.append(event)
+        return events
 
 
 def run_client(argv: list[str], env: dict[str, str], cwd: Path, stdin: str | None = None) -> Run:

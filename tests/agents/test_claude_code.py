@@ -1,7 +1,6 @@
 """Claude Code (`claude --print`) streams through navtwist, and reports a cut stream as an error."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -29,13 +28,7 @@ def _claude(env: dict[str, str], workdir) -> tuple[Run, list[dict[str, Any]]]:  
     argv = ["claude", "--print", "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--max-turns", "1", "Say hello."]
     run = run_client(argv, env, workdir)
-    events = []
-    for at, line in run.lines:
-        if line.startswith("{"):
-            event = json.loads(line)
-            event["_at"] = at
-            events.append(event)
-    return run, events
+    return run, run.json_events()
 
 
 def _text_deltas(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,7 +1,6 @@
 """The Codex CLI (`codex exec`) streams through navtwist (Responses API), and reports a cut stream as an error."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -69,13 +68,7 @@ def _codex(env: dict[str, str], proxy: Any, workdir: Path) -> tuple[Run, list[di
            "CODEX_CA_CERTIFICATE": str(proxy.ca_path)}
     argv = ["codex", "exec", "--json", "--skip-git-repo-check", "--sandbox", "read-only", "Say hello."]
     run = run_client(argv, env, workdir)
-    events = []
-    for at, line in run.lines:
-        if line.startswith("{"):
-            event = json.loads(line)
-            event["_at"] = at
-            events.append(event)
-    return run, events
+    return run, run.json_events()
 
 
 def _script(stream: Stream) -> ByPath:

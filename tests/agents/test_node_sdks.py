@@ -1,7 +1,6 @@
 """The Node SDKs (openai, @anthropic-ai/sdk) stream through navtwist, and see a cut stream as an error."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ def _events(kind: str, parts: list[str]) -> tuple[bytes, ...]:
 
 def _sdk(kind: str, env: dict[str, str], workdir: Path) -> tuple[Run, list[dict[str, Any]]]:
     run = run_client(["node", str(HERE / "sdk_stream.cjs"), kind], env, workdir)
-    return run, [json.loads(line) for _, line in run.lines if line.startswith("{")]
+    return run, run.json_events()
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
