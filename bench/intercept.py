@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from bench import clients
 from bench.measure import percentile
-from bench.proxies import BENCH_DIR, Proxy, start_mitmproxy, start_navtwist, start_upstream
+from bench.proxies import Proxy, start_mitmproxy, start_navtwist, start_upstream
 from bench.runner import OUT, publish_scenario
 from bench.upstream import make_certificate
 

@@ -16,7 +16,6 @@ from navtwist.upstream.decode import (
     DECODE_LIMIT,
     STEP,
     BodyDecodeError,
-    BoundedGunzip,
     DecodeLimits,
     DecodedResponse,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from upstream import ANTHROPIC_KEY, BASE, Json, Stream, sse, tokens
+from upstream import ANTHROPIC_KEY, Json, Stream, sse, tokens
 
 pytestmark = pytest.mark.integration
 anthropic = pytest.importorskip("anthropic")
