@@ -32,20 +32,31 @@ check-floor: $(FLOOR_VENV)/.installed
 $(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -c constraints-floor.txt -e '.[check]' --config-settings editable_mode=compat
+	$(PIP_QUIET) $(FLOOR_VENV)/bin/python -m pip install --quiet -c constraints-floor.txt -e '.[check]'
+	$(FLOOR_VENV)/bin/python $(SOURCE_PTH)
 	touch $@
+
+# Editable installs put navtwist on sys.path through setuptools' finder, which
+# Twisted's plugin discovery cannot see (it scans twisted/plugins/ directories on
+# sys.path): a .pth file adds the checkout itself, so twistd finds the plugin here.
+SOURCE_PTH = -c "import site, sys; print(sys.argv[1], file=open(site.getsitepackages()[0] + '/navtwist-source.pth', 'w'))" $(CURDIR)
+# setuptools warns that the checkout's twisted/ folder could shadow Twisted when
+# Python runs from the checkout: it cannot (twisted/ here is a namespace portion,
+# Twisted a regular package, which always wins), so the install stays quiet.
+PIP_QUIET = PYTHONWARNINGS=ignore
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# compat mode puts the repo root on sys.path, so twistd finds twisted/plugins/ here.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e . --config-settings editable_mode=compat
+	$(PIP_QUIET) $(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python $(SOURCE_PTH)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(PIP_QUIET) $(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python $(SOURCE_PTH)
 	touch $(VENV)/.installed $@
 
 # Real clients (Claude Code, the Codex CLI, the openai and Anthropic Node SDKs) through a real
@@ -79,7 +90,8 @@ BENCH_ULIMIT := ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn);
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e . --config-settings editable_mode=compat matplotlib py-spy
+	$(PIP_QUIET) $(BENCH_VENV)/bin/python -m pip install --quiet -e . matplotlib py-spy
+	$(BENCH_VENV)/bin/python $(SOURCE_PTH)
 	touch $@
 
 $(BENCH_MITM_VENV)/.installed:
