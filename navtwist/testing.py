@@ -52,11 +52,13 @@ class RecordingTransport(StringTransport):
 
 
 class _Collect:
-    def __init__(self) -> None:
-        self.data = b""
+    """Appends what a body producer writes to its call's C{body}, during the call and after it."""
+
+    def __init__(self, call: UpstreamCall) -> None:
+        self._call = call
 
     def write(self, data: bytes) -> None:
-        self.data += data
+        self._call.body = (self._call.body or b"") + data
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         pass
@@ -72,9 +74,10 @@ class UpstreamCall:
     method: bytes
     uri: bytes
     headers: Headers
-    body: bytes | None
+    body: bytes | None  # what its producer has written so far: a streamed body grows after the call
     deferred: Deferred = field(repr=False)
     cancelled: bool = False
+    producer: IBodyProducer | None = field(default=None, repr=False)  # the body as the agent was given it
 
 
 @implementer(IAgent)
@@ -86,17 +89,14 @@ class FakeAgent:
 
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
                 bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
-        body = None
-        if bodyProducer is not None:
-            sink = _Collect()
-            bodyProducer.startProducing(sink)
-            body = sink.data
-
         def cancel(d: Deferred) -> None:
             call.cancelled = True
 
-        call = UpstreamCall(method, uri, headers or Headers(), body, Deferred(cancel))
+        call = UpstreamCall(method, uri, headers or Headers(), None if bodyProducer is None else b"", Deferred(cancel),
+                            producer=bodyProducer)
         self.calls.append(call)
+        if bodyProducer is not None:
+            bodyProducer.startProducing(_Collect(call))
         return call.deferred
 
 

@@ -4,6 +4,9 @@ Each request is checked like a tunnel (policy, resolution, SSRF guard), sent
 to exactly the address that was checked, and its response streamed back with
 the same relay and flow control as inference calls.  Bytes pass unchanged:
 the twisted.web Agent is used directly, without treq's content decoding.
+The request body is never held: the site's requests are rendered at their
+head (L{navtwist.http.streaming.StreamingRequest}) and the body is read from
+the client only as fast as the destination takes it.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from navtwist.egress.policy import IPAddress
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 from navtwist.upstream.failures import Cause, classify, describe
 from navtwist.upstream.relay import HOP_BY_HOP
-from navtwist.upstream.body import BytesProducer
+from navtwist.upstream.body import upstream_body
 from navtwist.upstream.connection import head_too_large
 from navtwist.upstream.parent import parent_refusal
 
-# Content-Length too: the Agent sets it from the body it sends (a second one makes strict origins refuse).
+# Content-Length too: the Agent sets it from the body it sends, the length the client declared or chunked
+# when it sent chunks (a second one makes strict origins refuse).
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"host", b"proxy-authorization", b"proxy-connection"}
 
 
@@ -198,14 +202,11 @@ class ForwardResource(Resource):
     def _send(self, address: IPAddress, request: Request, target: SplitResult, port: int) -> Deferred[IResponse]:
         host = f"[{address}]" if address.version == 6 else str(address)
         url = f"http://{host}:{port}{target.path or '/'}" + (f"?{target.query}" if target.query else "")
-        assert request.content is not None  # twisted.web sets it before rendering
-        request.content.seek(0)
-        body = request.content.read()
         return self._agent.request(
             request.method,
             url.encode("ascii"),
             forwarded_headers(request.requestHeaders, target.netloc.encode("ascii")),
-            BytesProducer(body) if body else None,
+            upstream_body(request.body),  # type: ignore[attr-defined]  # the site's StreamingRequest's pipe
         )
 
 

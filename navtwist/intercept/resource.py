@@ -30,6 +30,7 @@ from navtwist.intercept.credentials import CredentialSet, Mismatch
 from navtwist.intercept.origin import OriginClients
 from navtwist.intercept.upgrade import UpgradeClient, UpgradeClientFactory, upgrade_head
 from navtwist.intercept.rules import InterceptEntry, decide
+from navtwist.upstream.body import upstream_body
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 
 log = Logger(namespace="navtwist.intercept")
@@ -260,6 +261,5 @@ class InterceptResource(Resource):
         headers: Headers, body: IBodyProducer | None,
     ) -> Deferred[IResponse]:
         agent = self._origins.agent_for(host, port, address, entry.upstream_ca_certs)
-        has_body = body is not None and (getattr(body, "length", 0) != 0)
         url = f"https://{_authority(host, port)}".encode("ascii") + target
-        return agent.request(method, url, headers, body if has_body else None)
+        return agent.request(method, url, headers, upstream_body(body))

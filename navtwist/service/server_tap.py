@@ -189,7 +189,7 @@ def make_service(
         Deadlines(timeouts.upstream_idle, timeouts.upstream_idle, timeouts.write_stall),
         MetricsListener(metrics),
     )
-    forward_site = HardenedSite(forward, config.limits, timeouts, reactor)
+    forward_site = HardenedSite(forward, config.limits, timeouts, reactor, requestFactory=StreamingRequest)
     decisions = DecisionLog(config.audit_log, metrics)
     origins = OriginClients(reactor, timeouts.connect, config.limits, parent=parent, descriptors=descriptors,
                             idle=idle)

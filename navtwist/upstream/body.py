@@ -30,6 +30,13 @@ class BytesProducer:
         pass
 
 
+def upstream_body(body: IBodyProducer | None) -> IBodyProducer | None:
+    """The body to hand the upstream client for a request rendered at its head
+    (its pipe): None when it has none, so the Agent frames a bodiless request
+    as one (a declared length of 0, or a request without a body)."""
+    return body if body is not None and body.length != 0 else None
+
+
 class Discard(Protocol):
     """Takes a response body nobody will read and closes its connection (a refused
     answer, a fallback status, a compressed body that cannot be decoded)."""
