@@ -5,7 +5,9 @@ the proxy listener parses, as the next request on a kept-alive forwarding
 connection, and inside the intercepted TLS of inference.local (first and
 kept-alive request).  Each must get a JSON refusal and a closed connection,
 with nothing reaching a server; afterwards the process must still serve
-well-behaved clients and have logged no traceback.
+well-behaved clients and have logged no traceback.  Bodies over the cap are
+refused where the proxy holds them (inference.local, to rewrite C{model});
+a forwarded body streams to its destination, uncapped.
 """
 from __future__ import annotations
 
@@ -186,6 +188,9 @@ VECTORS = [
     vector("oversized-head", 431, "".join(f"X-Pad-{i}: {'a' * 400}\r\n" for i in range(12))),
     vector("unterminated-line", 431, f"X-Big: {'a' * (MAX_HEAD_BYTES + 100)}", terminated=False),
     vector("too-many-headers", 431, "".join(f"X-N{i}: v\r\n" for i in range(MAX_HEADERS + 5))),
+]
+# On the channels that hold the body (inference.local's); a forwarded one streams.
+HELD_BODY_VECTORS = [
     # No body follows: a declared length over the cap is refused before the body is read.
     vector("declared-body-too-large", 413, f"Content-Length: {MAX_BODY_BYTES + 1}\r\n"),
     vector("chunked-body-too-large", 413, "Transfer-Encoding: chunked\r\n", chunked(MAX_BODY_BYTES + 8 * KiB)),
@@ -201,6 +206,12 @@ def _attack(channel: Channel, vector: Vector, status: int, code: str) -> None:
 
 @pytest.mark.parametrize(("vector", "status", "code"), VECTORS)
 def test_vector_is_refused(channel: Channel, vector: Vector, status: int, code: str):
+    _attack(channel, vector, status, code)
+
+
+@pytest.mark.parametrize("channel", ["intercepted", "intercepted-kept-alive"], indirect=True)
+@pytest.mark.parametrize(("vector", "status", "code"), HELD_BODY_VECTORS)
+def test_held_body_over_the_cap_is_refused(channel: Channel, vector: Vector, status: int, code: str):
     _attack(channel, vector, status, code)
 
 
@@ -273,6 +284,10 @@ def test_process_survived_and_logged_no_error(proxy, web):
         with channel.conn:
             if warm:
                 _warm_up(channel)
+            _attack(channel, attack, status, code)
+    for attack, status, code in (param.values for param in HELD_BODY_VECTORS):
+        channel = _intercepted(proxy, web)
+        with channel.conn:
             _attack(channel, attack, status, code)
     for open_channel, _ in CHANNELS.values():
         channel = open_channel(proxy, web)
