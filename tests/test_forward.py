@@ -118,6 +118,24 @@ def test_body_streams_to_the_destination_as_it_arrives(client: Client) -> None:
     assert client.transport.value().startswith(b"HTTP/1.1 200 ")
 
 
+def test_decision_counts_the_bytes_each_way(client: Client) -> None:
+    client.resource.decisions = DecisionLog()
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client.channel.dataReceived(b"PUT http://allowed.example/up HTTP/1.1\r\nHost: allowed.example\r\n"
+                                    b"Content-Length: 10\r\n\r\nhelloworld")
+        [call] = client.agent.calls
+        response = FakeResponse(length=3)
+        call.deferred.callback(response)
+        response.send(b"abc")
+        response.end()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [decision] = [event for event in events if event.get("event") == "decision"]
+    assert (decision["decision"], decision["bytes_up"], decision["bytes_down"]) == ("allow", 10, 3)
+
+
 def test_a_full_destination_stops_reading_the_client(client: Client) -> None:
     client.channel.dataReceived(b"POST http://allowed.example/up HTTP/1.1\r\nHost: allowed.example\r\n"
                                 b"Content-Length: 10\r\n\r\n")

@@ -142,7 +142,8 @@ class ForwardResource(Resource):
         if self.decisions is None:
             return self._listener
         record = _record(request, target, port, decision=ALLOW, entry="policy.allow")
-        return DecisionOnEnd(self.decisions, self._clock, record, self._clock.seconds(), None, self._listener)
+        return DecisionOnEnd(self.decisions, self._clock, record, self._clock.seconds(), getattr(request, "body", None),
+                             self._listener)
 
     def _carries_placeholder(self, request: Request) -> bool:
         """Secrets never travel in clear text: a placeholder in a plain http://

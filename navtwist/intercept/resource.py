@@ -183,7 +183,8 @@ class InterceptResource(Resource):
         judged = self._judge(request, host, port, target, started)
         if judged is None:
             return None
-        return DecisionOnEnd(self._decisions, self._clock, judged[1], started, None, self._listener)
+        return DecisionOnEnd(self._decisions, self._clock, judged[1], started, getattr(request, "body", None),
+                             self._listener)
 
     def _judge(
         self, request: Request, host: str, port: int, target: bytes, started: float
