@@ -18,10 +18,8 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-log = Logger(namespace="navtwist")
 
 EXAMPLE = "tcp:3128:interface=127.0.0.1"
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})

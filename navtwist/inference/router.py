@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
@@ -42,7 +41,6 @@ from navtwist.upstream.parent import parent_refusal
 from navtwist.inference.hooks import InferenceRequest, run_request_hooks
 from navtwist.inference.observe import MetricsListener, MetricsSink, Observation
 
-log = Logger(namespace="navtwist.router")
 
 # Request headers a client may send through; everything else (authorization,
 # x-api-key, cookie, host, proxy-*, hop-by-hop) is dropped.

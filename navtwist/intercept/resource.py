@@ -14,7 +14,6 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -33,7 +32,6 @@ from navtwist.intercept.rules import InterceptEntry, decide
 from navtwist.upstream.body import upstream_body
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 
-log = Logger(namespace="navtwist.intercept")
 
 # Besides what the forward path drops (hop-by-hop, proxy credentials): Expect,
 # which the channel has already answered with 100 Continue itself.
