@@ -56,7 +56,9 @@ RENEW_MARGIN = datetime.timedelta(days=1)
 # X.509 upper bound on commonName; longer hostnames rely on the SAN alone.
 _MAX_COMMON_NAME = 64
 # The hosts a CA is constrained to when the caller names none.
-DEFAULT_PERMITTED = ("inference.local",)
+# The virtual host navtwist serves itself; every CA must be able to vouch for it.
+INFERENCE_HOST = "inference.local"
+DEFAULT_PERMITTED = (INFERENCE_HOST,)
 _CERT, _KEY = "ca.pem", "ca.key"
 # A complete new pair waiting to be moved into place (see the module docstring).
 _STAGED = ".ca.new"

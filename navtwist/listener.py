@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from navtwist.ca import CertificateAuthority
+from navtwist.ca import INFERENCE_HOST, CertificateAuthority
 from navtwist.compat import close_beneath_tls
 from navtwist.decisions import ALLOW, DENY, DecisionLog, DecisionRecord
 from navtwist.config import Limits, Timeouts
@@ -105,7 +105,6 @@ def handshake_failure_reason(reason: Failure) -> str:
     return "the client closed the connection during the handshake"
 
 
-INFERENCE_HOST = "inference.local"
 INFERENCE_PORT = 443
 
 
