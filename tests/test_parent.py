@@ -110,14 +110,14 @@ def _track_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remember the handshake protocols built, so tests can feed them the parent's bytes."""
     from navtwist.upstream import parent
 
-    original = parent._HandshakeFactory.buildProtocol
+    original = parent.PreparedFactory.buildProtocol
 
     def build(self, addr):  # type: ignore[no-untyped-def]
         protocol = original(self, addr)
         _built.append(protocol)
         return protocol
 
-    monkeypatch.setattr(parent._HandshakeFactory, "buildProtocol", build)
+    monkeypatch.setattr(parent.PreparedFactory, "buildProtocol", build)
     _built.clear()
 
 

@@ -27,9 +27,10 @@ from navtwist.egress.policy import IPAddress, Policy, normalize_host
 from navtwist.inference.errors import write_json
 from navtwist.intercept.credentials import CredentialSet, Mismatch
 from navtwist.intercept.origin import OriginClients
-from navtwist.intercept.upgrade import UpgradeClient, UpgradeClientFactory, upgrade_head
+from navtwist.intercept.upgrade import UpgradeClient, upgrade_head
 from navtwist.intercept.rules import InterceptEntry, decide
 from navtwist.upstream.body import upstream_body
+from navtwist.upstream.parent import PreparedFactory
 from navtwist.upstream.exchange import Attempt, Deadlines, Exchange, ExchangeListener
 
 
@@ -145,7 +146,7 @@ class InterceptResource(Resource):
                                self._max_head, self._clock, self._deadlines.first_byte)
         dialing = self._destination(request, host, port)
         dialing.addCallback(lambda address: self._origins.connect(
-            host, port, address, entry.upstream_ca_certs, UpgradeClientFactory(client)))
+            host, port, address, entry.upstream_ca_certs, PreparedFactory(client)))
         dialing.addCallback(lambda _: client.answered)
 
         gone: list[Failure] = []  # set when the client leaves (or the upgrade takes its connection)

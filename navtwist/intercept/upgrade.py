@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -110,15 +110,3 @@ class UpgradeClient(Protocol):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-
-
-class UpgradeClientFactory(Factory):
-    """Builds the one L{UpgradeClient} of one upgrade."""
-
-    noisy = False
-
-    def __init__(self, client: UpgradeClient) -> None:
-        self._client = client
-
-    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
-        return self._client

@@ -194,16 +194,17 @@ class _Handshake(Protocol):
         self._timer = None
 
 
-class _HandshakeFactory(Factory):
-    """Hands the one prepared L{_Handshake} to the connection to the parent."""
+class PreparedFactory(Factory):
+    """Hands one protocol built beforehand to the one connection it is for
+    (without Twisted's "Starting factory" log line per connection)."""
 
     noisy = False
 
-    def __init__(self, handshake: _Handshake) -> None:
-        self._handshake = handshake
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
 
-    def buildProtocol(self, addr: IAddress | None) -> _Handshake:
-        return self._handshake
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self._protocol
 
 
 @implementer(IStreamClientEndpoint)
@@ -227,6 +228,6 @@ class ParentProxyEndpoint:
         handshake = _Handshake(self._request, protocolFactory, self._clock, self._timeout)
         result = handshake.done
         assert result is not None
-        handshake.connecting = self._to_parent.connect(_HandshakeFactory(handshake))
+        handshake.connecting = self._to_parent.connect(PreparedFactory(handshake))
         handshake.connecting.addErrback(handshake.not_connected)
         return result
